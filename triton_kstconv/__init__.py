@@ -1,0 +1,1 @@
+"""triton_kstconv: kernel-segregated transposed convolution for PyTorch."""

@@ -1,0 +1,151 @@
+"""The C++ CPU engine: builds ``csrc/kstconv.cpp`` once with ``torch.utils.cpp_extension`` (cached
+under ``TORCH_EXTENSIONS_DIR``), encodes the geometry's phase plans for it, and wraps its entry
+points as forward / grad_input / grad_weight functions on N-first tensors of any layout.
+
+fp32 and fp64 run natively; fp16 and bf16 are computed in fp32 and cast once at the end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import torch
+
+from .epilogue import Activation
+from .geometry import ConvArgumentError, Geometry, adjoint_axis_phase
+
+_LOCK = threading.Lock()
+_MODULE = None
+# Adjacent validity classes are merged while the zero taps they add stay under this fraction of
+# the useful ones (fewer, larger GEMMs). See perf/ for the sweep that chose it.
+MERGE_TAU = float(os.environ.get("KSTCONV_MERGE_TAU", "0.07"))
+
+
+class CompilerMissingError(RuntimeError):
+    pass
+
+
+def _sources() -> list[str]:
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+    return [os.path.join(here, "kstconv.cpp")]
+
+
+def load(verbose: bool = False):
+    """Compile (first call only; cached on disk afterwards) and import the extension."""
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
+    with _LOCK:
+        if _MODULE is not None:
+            return _MODULE
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            raise CompilerMissingError(
+                f"triton_kstconv's CPU engine needs a C++ compiler to build once, but {cxx!r} was "
+                "not found. Install one (Debian/Ubuntu: `apt-get install g++`; conda: "
+                "`conda install gxx_linux-64`) or set CXX, or use backend='torch' "
+                "(KSTCONV_BACKEND=torch), the pure-PyTorch path.")
+        from torch.utils.cpp_extension import load as _load
+        flags = ["-O3", "-fopenmp", "-std=c++17"]
+        extra = os.environ.get("KSTCONV_CXXFLAGS", "").split()
+        name = "kstconv_cpu" + ("_" + str(abs(hash(" ".join(extra))) % 10**8) if extra else "")
+        _MODULE = _load(name=name, sources=_sources(), extra_cflags=flags + extra,
+                        extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
+                        verbose=verbose)
+        return _MODULE
+
+
+# ------------------------------------------------------------------------------------- plans
+_UNIT_AXIS = [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]   # L_src L_dst a s n | dst_off Q T widx soff
+
+
+def _encode_axis(l_src, l_dst, a, s, phases) -> list[int]:
+    out = [l_src, l_dst, a, s, len(phases)]
+    for dst_off, ph in phases:
+        out += [dst_off, ph.num_out, ph.num_taps, *ph.taps, *ph.offsets]
+    return out
+
+
+def forward_plan(geom: Geometry) -> list[int]:
+    """Per axis: one phase per residue, gathering the input at stride 1."""
+    flat = _UNIT_AXIS * (3 - geom.ndim)
+    for ax in range(geom.ndim):
+        phases = [(ph.residue, ph) for ph in geom.axis_phases(ax)]
+        flat += _encode_axis(geom.in_size[ax], geom.out_size[ax], 1, geom.stride[ax], phases)
+    return flat
+
+
+def grad_input_plan(geom: Geometry) -> list[int]:
+    """Per axis: one phase over the input positions, gathering grad_out at stride s."""
+    flat = _UNIT_AXIS * (3 - geom.ndim)
+    for ax in range(geom.ndim):
+        ph = adjoint_axis_phase(geom.in_size[ax], geom.kernel[ax], geom.stride[ax],
+                                geom.padding[ax], geom.dilation[ax])
+        flat += _encode_axis(geom.out_size[ax], geom.in_size[ax], geom.stride[ax], 1, [(0, ph)])
+    return flat
+
+
+def _as5d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 5:
+        t = t.unsqueeze(2)
+    return t
+
+
+_NATIVE = (torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in _NATIVE:
+        return dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    raise ConvArgumentError(f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
+
+
+def _memory_format(t: torch.Tensor):
+    """channels_last(_3d) when ``t`` is laid out so (what PyTorch's conv picks), else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+        return fmt
+    return torch.contiguous_format
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: Geometry,
+            act: Activation, keep_pre: bool):
+    """Returns ``(out, pre)``; ``pre`` (the value before the activation) only if ``keep_pre``."""
+    mod = load()
+    cdt = _compute_dtype(x.dtype)
+    xc, wc = x.to(cdt), weight.to(cdt)
+    bc = bias.to(cdt) if bias is not None else None
+    shape = (x.shape[0], weight.shape[1] * geom.groups, *geom.out_size)
+    fmt = _memory_format(x)
+    out = torch.empty(shape, dtype=cdt, memory_format=fmt)
+    pre = torch.empty(shape, dtype=cdt, memory_format=fmt) if keep_pre else None
+    mod.conv(_as5d(xc), _as5d(wc), bc, _as5d(out), None if pre is None else _as5d(pre),
+             forward_plan(geom), geom.groups, False, act.code, act.param, MERGE_TAU, 0)
+    if cdt != x.dtype:
+        out = out.to(x.dtype)
+        pre = pre.to(x.dtype) if pre is not None else None
+    return out, pre
+
+
+def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    mod = load()
+    cdt = _compute_dtype(grad.dtype)
+    gc, wc = grad.to(cdt), weight.to(cdt)
+    shape = (grad.shape[0], weight.shape[0], *geom.in_size)
+    dx = torch.empty(shape, dtype=cdt, memory_format=_memory_format(grad))
+    mod.conv(_as5d(gc), _as5d(wc), None, _as5d(dx), None, grad_input_plan(geom), geom.groups,
+             True, 0, 0.0, MERGE_TAU, 0)
+    return dx.to(grad.dtype)
+
+
+def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometry,
+                dtype: torch.dtype) -> torch.Tensor:
+    mod = load()
+    cdt = _compute_dtype(dtype)
+    dw = torch.zeros(tuple(weight_shape), dtype=cdt)   # taps that meet no input stay 0
+    mod.grad_weight(_as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
+                    grad_input_plan(geom), geom.groups, MERGE_TAU, 0)
+    return dw.to(dtype)
