@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from . import buffers
 from .epilogue import Activation
 from .geometry import ConvArgumentError, Geometry, adjoint_axis_phase
 
@@ -103,49 +104,43 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     raise ConvArgumentError(f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
 
 
-def _memory_format(t: torch.Tensor):
-    """channels_last(_3d) when ``t`` is laid out so (what PyTorch's conv picks), else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
-        return fmt
-    return torch.contiguous_format
-
-
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: Geometry,
-            act: Activation, keep_pre: bool):
-    """Returns ``(out, pre)``; ``pre`` (the value before the activation) only if ``keep_pre``."""
+            act: Activation, keep_pre: bool, method: int = 0):
+    """Returns ``(out, pre)``; ``pre`` (the value before the activation) only if ``keep_pre``.
+    ``method`` forces one of the engine's inner strategies (0: its own choice; see csrc)."""
     mod = load()
     cdt = _compute_dtype(x.dtype)
     xc, wc = x.to(cdt), weight.to(cdt)
     bc = bias.to(cdt) if bias is not None else None
     shape = (x.shape[0], weight.shape[1] * geom.groups, *geom.out_size)
-    fmt = _memory_format(x)
-    out = torch.empty(shape, dtype=cdt, memory_format=fmt)
-    pre = torch.empty(shape, dtype=cdt, memory_format=fmt) if keep_pre else None
+    fmt = buffers.output_memory_format(geom.ndim, x, weight)
+    out = buffers.empty(shape, cdt, x.device, fmt)
+    pre = buffers.empty(shape, cdt, x.device, fmt) if keep_pre else None
     mod.conv(_as5d(xc), _as5d(wc), bc, _as5d(out), None if pre is None else _as5d(pre),
-             forward_plan(geom), geom.groups, False, act.code, act.param, MERGE_TAU, 0)
+             forward_plan(geom), geom.groups, False, act.code, act.param, MERGE_TAU, method)
     if cdt != x.dtype:
         out = out.to(x.dtype)
         pre = pre.to(x.dtype) if pre is not None else None
     return out, pre
 
 
-def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry) -> torch.Tensor:
+def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry,
+               method: int = 0) -> torch.Tensor:
     mod = load()
     cdt = _compute_dtype(grad.dtype)
     gc, wc = grad.to(cdt), weight.to(cdt)
     shape = (grad.shape[0], weight.shape[0], *geom.in_size)
-    dx = torch.empty(shape, dtype=cdt, memory_format=_memory_format(grad))
+    dx = buffers.empty(shape, cdt, grad.device, buffers.output_memory_format(geom.ndim, grad, weight))
     mod.conv(_as5d(gc), _as5d(wc), None, _as5d(dx), None, grad_input_plan(geom), geom.groups,
-             True, 0, 0.0, MERGE_TAU, 0)
+             True, 0, 0.0, MERGE_TAU, method)
     return dx.to(grad.dtype)
 
 
 def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometry,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, method: int = 0) -> torch.Tensor:
     mod = load()
     cdt = _compute_dtype(dtype)
     dw = torch.zeros(tuple(weight_shape), dtype=cdt)   # taps that meet no input stay 0
     mod.grad_weight(_as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
-                    grad_input_plan(geom), geom.groups, MERGE_TAU, 0)
+                    grad_input_plan(geom), geom.groups, MERGE_TAU, method)
     return dw.to(dtype)

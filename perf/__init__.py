@@ -1,0 +1,1 @@
+"""Benchmarks, the autotune sweep and the paper experiments (see README)."""

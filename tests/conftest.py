@@ -1,0 +1,84 @@
+"""Shared test setup: NaN-poisoned outputs, the Triton interpreter on machines without a GPU,
+per-dtype tolerances, float64 references and case generators."""
+import math
+import os
+
+# Before torch/triton are imported: engines fill fresh outputs with NaN (an unwritten element
+# fails), and without a GPU the Triton kernels run in Triton's interpreter on CPU tensors.
+os.environ["KSTCONV_POISON"] = "1"
+if os.environ.get("KSTCONV_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (rtol, atol per sqrt(reduction length)): errors of a dot product grow like sqrt(K).
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 2e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+# TF32 on a GPU (Triton's default for f32 dots where allowed) is looser.
+TOL_TF32 = (3e-3, 5e-4)
+
+NATIVE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def reduction_length(c_in, groups, kernel, stride):
+    """Multiply-adds per output element (upper bound)."""
+    taps = 1
+    for k, s in zip(kernel, stride):
+        taps *= max(1, math.ceil(k / s))
+    return max(1, (c_in // groups) * taps)
+
+
+def assert_close(actual, expected, dtype, k, tol=None):
+    """``actual`` (any dtype) against a float64 ``expected``; NaN never passes."""
+    rtol, atol = tol or TOL[dtype]
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    assert not torch.isnan(a).any(), "NaN in result (an element left unwritten?)"
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * math.sqrt(k) * max(1.0, e.abs().max().item() if e.numel() else 1.0))
+
+
+def make_case(nd, N, c_in, c_out, groups, size, kernel, stride, padding, output_padding,
+              dilation, bias, dtype, device="cpu", seed=0):
+    """Fresh random data scaled so that outputs are O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, c_in, *size, generator=gen, dtype=torch.float64)
+    fan = max(1, (c_in // groups) * math.prod(kernel))
+    w = torch.randn(c_in, c_out // groups, *kernel, generator=gen, dtype=torch.float64) / math.sqrt(fan)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    return cast(x), cast(w), cast(b)
+
+
+def reference(x, w, b, nd, **conv):
+    """PyTorch's own transposed convolution in float64 on the CPU, from the same values
+    (differentiable: pass leaves that require grad to get reference gradients)."""
+    d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+    return NATIVE[nd](d(x), d(w), d(b), **conv)
+
+
+def backends():
+    import importlib.util
+    out = ["cpp", "torch"]
+    if importlib.util.find_spec("triton") and importlib.util.find_spec("triton_kstconv.triton_engine") \
+            and (CUDA or INTERPRET):
+        out.append("triton")
+    return out
+
+
+def device_for(backend):
+    return "cuda" if (backend == "triton" and CUDA) else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,81 @@
+"""Every inner strategy of the C++ engine, forced, against PyTorch (the chooser must never pick
+a wrong one), including work split into many small items, ASan-friendly sizes."""
+import pytest
+import torch
+
+from triton_kstconv import cpp_engine
+from triton_kstconv.epilogue import Activation, parse_activation
+from triton_kstconv.ops import geometry_of
+from cases import BY_NAME
+from conftest import assert_close, make_case, reduction_length, reference
+
+NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
+         "k3s2_dil2_gcd_empty", "big_padding", "groups3_k4s2", "depthwise", "wide_channels",
+         "stride1_1x1_input", "1d_hifigan_k16s8p4", "3d_anisotropic", "3d_groups"]
+# forward: 1-5; grad_input: 1, 3, 4, 5; grad_weight: 1, 2. 3-5 need float32 (brgemm).
+FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
+       (3, torch.float32), (4, torch.float32), (5, torch.float32)]
+
+
+def _geom(c):
+    return geometry_of(c.size, c.kernel, c.stride, c.padding, c.output_padding, c.groups,
+                       c.dilation)
+
+
+@pytest.fixture(params=[False, True], ids=["big_items", "small_items"])
+def items(request, monkeypatch):
+    if request.param:  # many tiny work items: row splitting, halos, class clipping
+        for k, v in dict(KSTCONV_MT="64", KSTCONV_COLS_CAP="256", KSTCONV_C_CAP="64",
+                         KSTCONV_BRG_MT="3", KSTCONV_BRG_NT="5").items():
+            monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("method,dtype", FWD, ids=lambda v: str(v).replace("torch.", ""))
+def test_forward_methods(name, method, dtype, items):
+    c = BY_NAME[name]
+    x, w, b = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, tuple(s + 3 for s in c.size),
+                        c.kernel, c.stride, c.padding, c.output_padding, c.dilation, True, dtype)
+    geom = geometry_of(x.shape[2:], c.kernel, c.stride, c.padding, c.output_padding, c.groups,
+                       c.dilation)
+    act = parse_activation("silu")
+    out, pre = cpp_engine.forward(x, w, b, geom, act, True, method=method)
+    ref_pre = reference(x, w, b, c.nd, **c.conv)
+    k = reduction_length(c.c_in, c.groups, c.kernel, c.stride)
+    assert_close(pre, ref_pre, dtype, k)
+    assert_close(out, torch.nn.functional.silu(ref_pre), dtype, k)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("method,dtype", [(1, torch.float64), (1, torch.float32),
+                                          (3, torch.float32), (4, torch.float32),
+                                          (5, torch.float32)], ids=str)
+def test_grad_input_methods(name, method, dtype, items):
+    c = BY_NAME[name]
+    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, False, torch.float64)
+    xr = x.clone().requires_grad_()
+    y = reference(xr, w, None, c.nd, **c.conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx = cpp_engine.grad_input(g.to(dtype), w.to(dtype), _geom(c), method=method)
+    assert_close(dx, xr.grad, dtype, reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("method,dtype", [(1, torch.float64), (2, torch.float64),
+                                          (1, torch.float32), (2, torch.float32)], ids=str)
+def test_grad_weight_methods(name, method, dtype, items):
+    c = BY_NAME[name]
+    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, False, torch.float64)
+    wr = w.clone().requires_grad_()
+    y = reference(x, wr, None, c.nd, **c.conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dw = cpp_engine.grad_weight(x.to(dtype), g.to(dtype), w.shape, _geom(c), dtype, method=method)
+    assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())
+
+
+def test_blas_found():
+    assert cpp_engine.load().have_blas(), "MKL's sgemm_ was not found in libtorch_cpu"

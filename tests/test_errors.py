@@ -1,0 +1,84 @@
+"""Bad arguments raise clear exceptions (naming the argument and value), like PyTorch's."""
+import pytest
+import torch
+
+import triton_kstconv as K
+
+x = torch.randn(1, 4, 5, 5)
+w = torch.randn(4, 2, 3, 3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stride=0), "non-positive stride"),
+    (dict(stride=(1, 2, 3)), "stride"),
+    (dict(stride=1.5), "stride"),
+    (dict(padding=-1), "negative padding"),
+    (dict(output_padding=-1), "negative output_padding"),
+    (dict(output_padding=2, stride=2), "output padding must be smaller"),
+    (dict(output_padding=(0, 1)), "output padding must be smaller"),
+    (dict(dilation=0), "dilation should be greater than zero"),
+    (dict(groups=0), "non-positive groups"),
+    (dict(groups=3), "groups=3"),
+    (dict(groups=True), "groups"),
+    (dict(bias=torch.randn(3)), "bias"),
+    (dict(activation="swish"), "unknown activation"),
+    (dict(activation=("leaky_relu", float("nan"))), "negative_slope"),
+    (dict(activation=("relu", 1.0)), "takes no parameter"),
+    (dict(backend="cuda"), "unknown backend"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        K.conv_transpose2d(x, w, **kwargs)
+
+
+def test_errors_are_value_and_runtime_errors():
+    with pytest.raises(ValueError):
+        K.conv_transpose2d(x, w, stride=0)
+    with pytest.raises(RuntimeError):  # code written against PyTorch keeps working
+        K.conv_transpose2d(x, w, stride=0)
+
+
+@pytest.mark.parametrize("inp,wt,match", [
+    (torch.randn(1, 5, 5, 5), w, "to have 4 channels, but got 5"),
+    (torch.randn(5, 5), w, "Expected 3D \\(unbatched\\) or 4D \\(batched\\)"),
+    (x, torch.randn(4, 2, 3), "weight"),
+    (torch.randn(1, 4, 0, 5), w, "Only zero batch or zero channel"),
+    (torch.randn(1, 4, 1, 1), torch.randn(4, 2, 1, 1), None),  # fine
+    (x.double(), w, "same dtype"),
+    (x.int(), w.int(), "floating-point"),
+    ([1.0], w, "must be a Tensor"),
+])
+def test_bad_tensors(inp, wt, match):
+    if match is None:
+        K.conv_transpose2d(inp, wt)
+        return
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        K.conv_transpose2d(inp, wt)
+
+
+def test_output_too_small():
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        K.conv_transpose2d(torch.randn(1, 4, 1, 1), torch.randn(4, 2, 1, 1), padding=1)
+
+
+def test_output_size_out_of_range():
+    m = K.ConvTranspose2d(4, 2, 3, stride=2)
+    with pytest.raises(ValueError, match="requested an output size of \\[20, 20\\]"):
+        m(x, output_size=[20, 20])
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.conv_transpose2d(x, w, backend="triton")
+
+
+def test_cpp_needs_cpu_tensors():
+    meta = torch.empty(1, 4, 5, 5, device="meta")
+    with pytest.raises(RuntimeError, match="backend='cpp' runs on CPU tensors"):
+        K.conv_transpose2d(meta, w.to("meta"), backend="cpp")
+
+
+def test_padding_mode_rejected_like_pytorch():
+    with pytest.raises(ValueError, match="padding mode"):
+        K.ConvTranspose2d(4, 2, 3, padding_mode="reflect")

@@ -1,0 +1,200 @@
+"""Operator registration and autograd: three ``torch.library`` custom ops and their glue.
+
+* ``kstconv::conv_transpose``              y = act(conv_transpose(x, w) + b), and the value before
+                                           the activation where its derivative needs it
+* ``kstconv::conv_transpose_grad_input``   dL/dx, an ordinary strided convolution of grad_out
+* ``kstconv::conv_transpose_grad_weight``  dL/dw, per-phase correlations of x with grad_out
+
+Each has a fake (meta) implementation, so ``torch.compile`` traces through them, and an autograd
+formula written with the other two, so first and second derivatives work. Every op takes the
+engine by name (``"cpp"``, ``"torch"``, ``"triton"``); ``functional`` picks it.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import epilogue
+from .buffers import output_memory_format
+from .epilogue import Activation
+from .geometry import Geometry, make_geometry, normalize_params
+
+_ENGINE_MODULES = {"cpp": "cpp_engine", "torch": "torch_engine", "triton": "triton_engine"}
+# Device defaults: the preferred engine, else the pure-PyTorch one.
+_DEFAULTS = {"cpu": "cpp", "cuda": "triton"}
+_RESOLVED: dict[str, str] = {}
+
+
+def engine(name: str):
+    """The engine module for a backend name (imported, or built, on first use). ``"cpu"`` and
+    ``"cuda"`` are the device defaults: they fall back to the pure-PyTorch engine, with one
+    warning, when the preferred engine cannot load (no compiler, no triton)."""
+    if name in _DEFAULTS:
+        if name not in _RESOLVED:
+            preferred = _DEFAULTS[name]
+            try:
+                mod = importlib.import_module(f".{_ENGINE_MODULES[preferred]}", __package__)
+                mod.load()
+                _RESOLVED[name] = preferred
+            except Exception as exc:
+                warnings.warn(f"triton_kstconv: the {preferred} engine is unavailable ({exc}); "
+                              "using the pure-PyTorch engine", RuntimeWarning, stacklevel=2)
+                _RESOLVED[name] = "torch"
+        name = _RESOLVED[name]
+    return importlib.import_module(f".{_ENGINE_MODULES[name]}", __package__)
+
+
+def geometry_of(in_size, kernel, stride, padding, output_padding, groups, dilation) -> Geometry:
+    params = normalize_params(len(in_size), list(stride), list(padding), list(output_padding),
+                              groups, list(dilation))
+    return make_geometry(params, list(in_size), list(kernel))
+
+
+def _empty(shape, like: Tensor, fmt) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device).contiguous(memory_format=fmt)
+
+
+# ------------------------------------------------------------------------------------ forward
+@torch.library.custom_op("kstconv::conv_transpose", mutates_args=())
+def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                   padding: List[int], output_padding: List[int], groups: int,
+                   dilation: List[int], act: str, act_param: float, keep_pre: bool,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    nd = weight.dim() - 2
+    geom = geometry_of(x.shape[2:], weight.shape[2:], stride, padding, output_padding, groups,
+                       dilation)
+    activation = Activation(act or None, act_param)
+    out, pre = engine(backend).forward(x, weight, bias, geom, activation, keep_pre)
+    fmt = output_memory_format(nd, x, weight)
+    out = out.contiguous(memory_format=fmt)
+    pre = pre.contiguous(memory_format=fmt) if keep_pre else x.new_empty(0)
+    return out, pre
+
+
+@conv_transpose.register_fake
+def _(x, weight, bias, stride, padding, output_padding, groups, dilation, act, act_param,
+      keep_pre, backend):
+    nd = weight.dim() - 2
+    geom = geometry_of(x.shape[2:], weight.shape[2:], stride, padding, output_padding, groups,
+                       dilation)
+    shape = (x.shape[0], weight.shape[1] * groups, *geom.out_size)
+    fmt = output_memory_format(nd, x, weight)
+    return _empty(shape, x, fmt), (_empty(shape, x, fmt) if keep_pre else x.new_empty(0))
+
+
+# ------------------------------------------------------------------------------- grad_input
+@torch.library.custom_op("kstconv::conv_transpose_grad_input", mutates_args=())
+def conv_transpose_grad_input(grad: Tensor, weight: Tensor, in_size: List[int], stride: List[int],
+                              padding: List[int], output_padding: List[int], groups: int,
+                              dilation: List[int], backend: str) -> Tensor:
+    geom = geometry_of(in_size, weight.shape[2:], stride, padding, output_padding, groups,
+                       dilation)
+    dx = engine(backend).grad_input(grad, weight, geom)
+    return dx.contiguous(memory_format=output_memory_format(geom.ndim, grad, weight))
+
+
+@conv_transpose_grad_input.register_fake
+def _(grad, weight, in_size, stride, padding, output_padding, groups, dilation, backend):
+    fmt = output_memory_format(weight.dim() - 2, grad, weight)
+    return _empty((grad.shape[0], weight.shape[0], *in_size), grad, fmt)
+
+
+# ------------------------------------------------------------------------------ grad_weight
+@torch.library.custom_op("kstconv::conv_transpose_grad_weight", mutates_args=())
+def conv_transpose_grad_weight(x: Tensor, grad: Tensor, weight_size: List[int],
+                               stride: List[int], padding: List[int], output_padding: List[int],
+                               groups: int, dilation: List[int], backend: str) -> Tensor:
+    geom = geometry_of(x.shape[2:], weight_size[2:], stride, padding, output_padding, groups,
+                       dilation)
+    dw = engine(backend).grad_weight(x, grad, weight_size, geom, x.dtype)
+    return dw.contiguous()
+
+
+@conv_transpose_grad_weight.register_fake
+def _(x, grad, weight_size, stride, padding, output_padding, groups, dilation, backend):
+    return x.new_empty(weight_size)
+
+
+# ------------------------------------------------------------------------------- autograd
+def _fwd_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, output_padding, groups, dilation, act, act_param, \
+        keep_pre, backend = inputs
+    out, pre = output
+    ctx.conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
+    ctx.act = Activation(act or None, act_param)
+    ctx.backend = backend
+    ctx.in_size = list(x.shape[2:])
+    ctx.weight_size = list(weight.shape)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, out if act else None, pre if keep_pre else None)
+
+
+def _fwd_backward(ctx, grad_out, grad_pre):
+    x, weight, out, pre = ctx.saved_tensors
+    grad = epilogue.backward(grad_out, out, pre, ctx.act)
+    if grad_pre is not None and grad_pre.numel():
+        grad = grad + grad_pre
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = conv_transpose_grad_input(grad, weight, ctx.in_size, *ctx.conv, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = conv_transpose_grad_weight(x, grad, ctx.weight_size, *ctx.conv, ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = grad.sum([0] + list(range(2, grad.dim())))
+    return dx, dw, db, None, None, None, None, None, None, None, None, None
+
+
+conv_transpose.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _plain_forward(x, weight, conv, backend):
+    """conv_transpose without bias or activation (for the second derivatives)."""
+    return conv_transpose(x, weight, None, *conv, "", 0.0, False, backend)[0]
+
+
+def _gi_setup(ctx, inputs, output):
+    grad, weight, in_size, stride, padding, output_padding, groups, dilation, backend = inputs
+    ctx.conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
+    ctx.backend = backend
+    ctx.weight_size = list(weight.shape)
+    ctx.save_for_backward(grad, weight)
+
+
+def _gi_backward(ctx, v):
+    # <v, GI(g, w)> = <g, conv_transpose(v, w)>
+    grad, weight = ctx.saved_tensors
+    dg = dw = None
+    if ctx.needs_input_grad[0]:
+        dg = _plain_forward(v, weight, ctx.conv, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = conv_transpose_grad_weight(v, grad, ctx.weight_size, *ctx.conv, ctx.backend)
+    return dg, dw, None, None, None, None, None, None, None
+
+
+conv_transpose_grad_input.register_autograd(_gi_backward, setup_context=_gi_setup)
+
+
+def _gw_setup(ctx, inputs, output):
+    x, grad, weight_size, stride, padding, output_padding, groups, dilation, backend = inputs
+    ctx.conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
+    ctx.backend = backend
+    ctx.in_size = list(x.shape[2:])
+    ctx.save_for_backward(x, grad)
+
+
+def _gw_backward(ctx, v):
+    # <v, GW(x, g)> = <g, conv_transpose(x, v)>
+    x, grad = ctx.saved_tensors
+    dx = dg = None
+    if ctx.needs_input_grad[0]:
+        dx = conv_transpose_grad_input(grad, v, ctx.in_size, *ctx.conv, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dg = _plain_forward(x, v, ctx.conv, ctx.backend)
+    return dx, dg, None, None, None, None, None, None, None
+
+
+conv_transpose_grad_weight.register_autograd(_gw_backward, setup_context=_gw_setup)
