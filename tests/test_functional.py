@@ -53,7 +53,7 @@ def _run(case, backend, dtype, grads=True, seed=0, activation=None, transform=No
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matrix(case, backend, dtype):
     _run(case, backend, dtype)
