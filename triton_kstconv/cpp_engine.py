@@ -140,7 +140,7 @@ def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometr
                 dtype: torch.dtype, method: int = 0) -> torch.Tensor:
     mod = load()
     cdt = _compute_dtype(dtype)
-    dw = torch.zeros(tuple(weight_shape), dtype=cdt)   # taps that meet no input stay 0
+    dw = torch.empty(tuple(weight_shape), dtype=cdt)   # the engine writes every element
     mod.grad_weight(_as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
                     grad_input_plan(geom), geom.groups, MERGE_TAU, method)
     return dw.to(dtype)

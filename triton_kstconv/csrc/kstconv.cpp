@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -717,6 +718,34 @@ inline bool channels_last_like(const at::Tensor& t) { return t.size(1) > 1 && t.
 // A channels-last (N, D, H, W, C) copy of a 5-d tensor, transposed in 16 x 16 tiles (ATen's
 // generic strided copy is several times slower for this permutation). Already channels-last
 // tensors are returned as they are.
+// 8 x 8 float transpose in AVX2 registers: dst[j][i] = src[i][j].
+__attribute__((target("avx2"))) static void transpose8x8(const float* src, i64 lds, float* dst,
+                                                          i64 ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+inline bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+
+// A channels-last (N, D, H, W, C) copy of a 5-d tensor, optionally with zero columns added on
+// both sides of w. Already channels-last tensors (unpadded) are returned as they are.
 template <typename T>
 at::Tensor to_channels_last(const at::Tensor& t, i64 pad_lo = 0, i64 pad_hi = 0) {
   if (pad_lo == 0 && pad_hi == 0 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return t;
@@ -727,8 +756,10 @@ at::Tensor to_channels_last(const at::Tensor& t, i64 pad_lo = 0, i64 pad_hi = 0)
   View5<const T> X(t);
   T* o = out.data_ptr<T>();
   const i64 rows = N * D * H;
-  constexpr i64 TP = 32;  // pixels per tile; all channels of a pixel written together
+  constexpr i64 TP = 32;  // pixels per work item
   const i64 npb = ceil_div(W, TP);
+  bool fast = false;
+  if constexpr (std::is_same<T, float>::value) fast = X.st[4] == 1 && have_avx2();
   at::parallel_for(0, rows * npb, 1, [&](i64 b0, i64 b1) {
     for (i64 b = b0; b < b1; ++b) {
       const i64 row = b / npb, pb = b % npb;
@@ -743,18 +774,20 @@ at::Tensor to_channels_last(const at::Tensor& t, i64 pad_lo = 0, i64 pad_hi = 0)
         std::memcpy(ob + w0 * C, xr + w0 * C, sizeof(T) * (w1 - w0) * C);
         continue;
       }
-      T tile[TP * 16];  // [w][c] block, transposed in L1
-      const i64 nw = w1 - w0;
-      for (i64 c0 = 0; c0 < C; c0 += 16) {
-        const i64 nc = std::min<i64>(16, C - c0);
-        for (i64 c = 0; c < nc; ++c) {
-          const T* xc = xr + (c0 + c) * X.st[1] + w0 * X.st[4];
-          if (X.st[4] == 1)
-            for (i64 w = 0; w < nw; ++w) tile[w * 16 + c] = xc[w];
-          else
-            for (i64 w = 0; w < nw; ++w) tile[w * 16 + c] = xc[w * X.st[4]];
+      i64 c8 = 0, w8 = w0;
+      if constexpr (std::is_same<T, float>::value) {
+        if (fast) {
+          c8 = C / 8 * 8;
+          w8 = w0 + (w1 - w0) / 8 * 8;
+          for (i64 c = 0; c < c8; c += 8)
+            for (i64 w = w0; w < w8; w += 8) transpose8x8(xr + c * X.st[1] + w, X.st[1], ob + w * C + c, C);
         }
-        for (i64 w = 0; w < nw; ++w) std::memcpy(ob + (w0 + w) * C + c0, tile + w * 16, sizeof(T) * nc);
+      }
+      // what the 8 x 8 blocks left: the channel tail, and the pixel tail of every channel
+      for (i64 w = w0; w < w1; ++w) {
+        T* op = ob + w * C;
+        const T* xp = xr + w * X.st[4];
+        for (i64 c = (w < w8 ? c8 : 0); c < C; ++c) op[c] = xp[c * X.st[1]];
       }
     }
   });
@@ -952,6 +985,8 @@ void grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
     if (A.empty()) continue;
     for (i64 i = 0; i < total; ++i) sum[i] += A[i];
   }
+  // taps that meet no input are not packed: their gradient is zero
+  std::fill(dw.data_ptr<T>(), dw.data_ptr<T>() + dw.numel(), T(0));
   pack_or_unpack<T>(true, DW, sum.data(), P, pi, groups, false);
 }
 
@@ -1377,6 +1412,62 @@ void conv_gemm_first_impl(const at::Tensor& src_in, const at::Tensor& weight_in,
   else run(0, n_items);
 }
 
+// grad_input for weight-heavy layers (few pixels, big weight): dX[c_in, i] = W[c_in, (c_out,
+// tap)] x P[(c_out, tap), i], P the patch matrix of grad_out in the weight's own order (all taps,
+// zero where outside). The weight is read in place, once, in row blocks split across threads
+// (brgemm tiles, f32) instead of being packed and re-streamed per output row.
+template <typename T>
+void grad_input_weight_streaming_impl(const at::Tensor& dy, const at::Tensor& weight_in,
+                                      at::Tensor& dx, const Plan& GI, i64 groups) {
+  const i64 N = dy.size(0), Cout = dy.size(1), Cin = dx.size(1);
+  const i64 Cin_g = Cin / groups, Cout_g = Cout / groups;
+  if (dx.numel() == 0) return;
+  const at::Tensor weight = weight_in.contiguous();
+  const i64 KK = weight.size(2) * weight.size(3) * weight.size(4), CK = Cout_g * KK;
+  View5<const T> DY(dy);
+  const at::Tensor none;
+  View5<T> DX(dx), NoPre(none);
+  const T* w = weight.data_ptr<T>();
+  brgemm_t brg = nullptr;
+  if constexpr (std::is_same<T, float>::value) brg = blas().brgemm;
+  const int nthreads = at::get_num_threads();
+  const i64 Mt = std::max<i64>(16, std::min<i64>(1024, env_int("KSTCONV_COLS_CAP", i64(1) << 21) / std::max<i64>(CK, 1)));
+  const Items items = make_items(GI, groups, N, Mt, nthreads, false);
+  const i64 n_items = items.count();
+  const bool outer_parallel = n_items >= nthreads && nthreads > 1;
+  constexpr i64 MB = 32, KB = 512;
+  auto run = [&](i64 begin, i64 end) {
+    std::vector<T> cols, cbuf;
+    for (i64 item = begin; item < end; ++item) {
+      for_each_block(GI, items, item, [&](const Block& b0) {
+        Block b = b0;  // every tap, zero-filled where outside
+        for (int d = 0; d < 3; ++d) b.t0[d] = 0, b.t1[d] = GI.ax[d].ph[0].T();
+        const i64 M = b.M();
+        if (M == 0) return;
+        if (i64(cols.size()) < CK * M) cols.resize(CK * M);
+        if (i64(cbuf.size()) < Cin_g * M) cbuf.resize(Cin_g * M);
+        if (CK > 0) im2col<T>(DY, GI, b, Cout_g, false, cols.data(), true);  // [CK, M]
+        const T* wg = w + b.g * Cin_g * CK;
+        if (brg == nullptr || CK == 0) {  // C[Cin_g, M] = W[Cin_g, CK] x P[CK, M]
+          gemm_rm<T>(false, false, Cin_g, M, CK, T(1), wg, CK, cols.data(), M, T(0), cbuf.data(), M);
+        } else if constexpr (std::is_same<T, float>::value) {
+          maybe_parallel(!outer_parallel, ceil_div(Cin_g, MB), [&](i64 t0, i64 t1) {
+            for (i64 t = t0; t < t1; ++t) {
+              const i64 r0 = t * MB, mr = std::min(MB, Cin_g - r0);
+              for (i64 k0 = 0; k0 < CK; k0 += KB)
+                brg(mr, M, std::min(KB, CK - k0), CK, M, M, k0 > 0, wg + r0 * CK + k0,
+                    cols.data() + k0 * M, cbuf.data() + r0 * M, false);
+            }
+          });
+        }
+        scatter<T, NONE>(cbuf.data(), false, DX, NoPre, nullptr, GI, b, Cin_g, T(0));
+      });
+    }
+  };
+  if (outer_parallel) at::parallel_for(0, n_items, 1, run);
+  else run(0, n_items);
+}
+
 // grad_weight in the same order: dW[c_in, (c_out, tap)] = sum over input pixels of
 // x[c_in, i] * grad_out[c_out, i*s - p + tap*d], i.e. the input itself times a patch matrix of
 // grad_out (the grad_input plan's gather, all taps, zero where outside). The result lands in the
@@ -1397,13 +1488,20 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
   const Items items = make_items(GI, groups, N, Mt, nthreads, false);
   const i64 n_items = (x.numel() == 0 || dy.numel() == 0) ? 0 : items.count();
   const bool outer_parallel = n_items >= nthreads && nthreads > 1;
+  // Thread 0 accumulates straight into dW; other threads into private copies added at the end
+  // in thread order (deterministic for a given thread count).
+  T* out = dw.data_ptr<T>();
+  std::fill(out, out + dw.numel(), T(0));
   std::vector<std::vector<T>> accs(outer_parallel ? nthreads : 1);
   const bool mk_dy = channels_last_like(dy);
 
   auto run = [&](i64 begin, i64 end) {
     const int tid = outer_parallel ? at::get_thread_num() : 0;
-    std::vector<T>& A = accs[tid];
-    if (A.empty()) A.assign(total, T(0));
+    T* acc = out;
+    if (tid > 0) {
+      if (accs[tid].empty()) accs[tid].assign(total, T(0));
+      acc = accs[tid].data();
+    }
     std::vector<T> cols, xbuf;
     for (i64 item = begin; item < end; ++item) {
       for_each_block(GI, items, item, [&](const Block& b0) {
@@ -1413,7 +1511,7 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
         if (M == 0 || Cin_g == 0 || CK == 0) return;
         if (i64(cols.size()) < CK * M) cols.resize(CK * M);
         im2col<T>(DY, GI, b, Cout_g, mk_dy, cols.data(), true);  // rows (c_out, tap)
-        T* ag = A.data() + b.g * Cin_g * CK;
+        T* ag = acc + b.g * Cin_g * CK;
         // dW[Cin_g, CK] += X[Cin_g, m] x cols[CK, m]^T, run by run (X is [m, Cin_g] when mk,
         // cols is [m, CK] when mk_dy)
         for_each_source_run<T>(X, b.g, Cin_g, b.n0, b.n1, b.q0, b.q1, mk, xbuf,
@@ -1428,12 +1526,161 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
     if (outer_parallel) at::parallel_for(0, n_items, 1, run);
     else run(0, n_items);
   }
-  T* out = dw.data_ptr<T>();
-  std::fill(out, out + dw.numel(), T(0));
-  for (auto& A : accs) {
-    if (A.empty()) continue;
-    for (i64 i = 0; i < dw.numel(); ++i) out[i] += A[i];
+  for (size_t t = 1; t < accs.size(); ++t) {
+    if (accs[t].empty()) continue;
+    const T* a = accs[t].data();
+    for (i64 i = 0; i < dw.numel(); ++i) out[i] += a[i];
   }
+}
+
+// grad_weight with brgemm, no patch matrix: for phase p and tap t,
+//   dWt[c_out, c_in] = sum over pixels q of the phase  D_p[c_out, q] x X[q + offset(t), c_in]
+// with D_p the phase's grad_out de-interleaved into planes of rows (c_out-major, pixels
+// contiguous) and X a channels-last copy of the input. Both share one padded row width Wc (zero
+// columns beyond the real ones), so a run of whole rows is one reduction of rows x Wc pixels
+// (the zero columns of D_p cancel whatever the shifted X rows hold there). Work items are
+// (group, phase, block of c_out): each owns its slice of dW and reduces over batch and space in
+// a fixed order, so the result does not depend on the number of threads.
+void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::Tensor& dw,
+                             const Plan& P, i64 groups) {
+  const i64 N = x_in.size(0), Cin = x_in.size(1), Cout = dy.size(1);
+  const i64 Cin_g = Cin / groups, Cout_g = Cout / groups;
+  float* out = dw.data_ptr<float>();
+  std::fill(out, out + dw.numel(), 0.f);
+  if (x_in.numel() == 0 || dy.numel() == 0 || Cin_g == 0 || Cout_g == 0) return;
+  const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
+  const i64 kk[3] = {dw.size(2), dw.size(3), dw.size(4)};
+  // common padded width
+  i64 padL = 0, padR = 0, Qw_max = 0;
+  for (const AxisPhase& ph : Aw.ph) {
+    Qw_max = std::max(Qw_max, ph.Q);
+    for (i64 off : ph.soff) {
+      padL = std::max(padL, -off);
+      padR = std::max(padR, ph.Q - 1 + off - (Aw.L_src - 1));
+    }
+  }
+  const i64 Wc = std::max(Aw.L_src + padL + padR, Qw_max);
+  const i64 D = Ad.L_src, H = Ah.L_src, Hx = H + 1;  // one zero row below every plane
+  // X: [N, D, Hx, Wc, Cin] channels-last, real pixels at rows [0, H), columns [padL, padL + W)
+  std::vector<float> xs(N * D * Hx * Wc * Cin, 0.f);
+  {
+    View5<const float> Xv(x_in);
+    at::parallel_for(0, N * D * H, 1, [&](i64 b0, i64 b1) {
+      for (i64 r = b0; r < b1; ++r) {
+        const i64 n = r / (D * H), d = (r / H) % D, h = r % H;
+        float* orow = xs.data() + (((n * D + d) * Hx + h) * Wc + padL) * Cin;
+        const float* xr = Xv.p + n * Xv.st[0] + d * Xv.st[2] + h * Xv.st[3];
+        const i64 W = Aw.L_src;
+        i64 c8 = 0, w8 = 0;
+        if (Xv.st[4] == 1 && have_avx2()) {
+          c8 = Cin / 8 * 8;
+          w8 = W / 8 * 8;
+          for (i64 c = 0; c < c8; c += 8)
+            for (i64 w = 0; w < w8; w += 8) transpose8x8(xr + c * Xv.st[1] + w, Xv.st[1], orow + w * Cin + c, Cin);
+        }
+        for (i64 w = 0; w < W; ++w)
+          for (i64 c = (w < w8 ? c8 : 0); c < Cin; ++c)
+            orow[w * Cin + c] = xr[c * Xv.st[1] + w * Xv.st[4]];
+      }
+    });
+  }
+  // D_p: per phase [N, Cout, Qd, Qh, Wc] (grad_out at positions s*q + r), zero beyond Qw
+  std::vector<i64> doff(P.P + 1, 0);
+  for (i64 p = 0; p < P.P; ++p) {
+    i64 c3[3];
+    P.phase_coords(p, c3);
+    doff[p + 1] = doff[p] + N * Cout * Ad.ph[c3[0]].Q * Ah.ph[c3[1]].Q * Wc;
+  }
+  std::vector<float> ds(doff[P.P], 0.f);
+  {
+    // one pass over grad_out, row by row: each row (n, c, od, oh) splits into its w phases
+    View5<const float> Yv(dy);
+    const i64 nph_d = i64(Ad.ph.size()), nph_h = i64(Ah.ph.size()), nph_w = i64(Aw.ph.size());
+    at::parallel_for(0, N * Cout * Ad.L_dst * Ah.L_dst, 1, [&](i64 b0, i64 b1) {
+      for (i64 b = b0; b < b1; ++b) {
+        const i64 oh = b % Ah.L_dst, od = (b / Ah.L_dst) % Ad.L_dst;
+        const i64 c = (b / (Ah.L_dst * Ad.L_dst)) % Cout, n = b / (Ah.L_dst * Ad.L_dst * Cout);
+        const i64 rd = od % Ad.s, qd = od / Ad.s, rh = oh % Ah.s, qh = oh / Ah.s;
+        const AxisPhase &pd = Ad.ph[rd], &ph = Ah.ph[rh];
+        if (qd >= pd.Q || qh >= ph.Q) continue;
+        const float* yr = Yv.p + n * Yv.st[0] + c * Yv.st[1] + od * Yv.st[2] + oh * Yv.st[3];
+        for (i64 rw = 0; rw < nph_w; ++rw) {
+          const i64 p = (rd * nph_h + rh) * nph_w + rw;
+          float* o = ds.data() + doff[p] + (((n * Cout + c) * pd.Q + qd) * ph.Q + qh) * Wc;
+          const AxisPhase& pw = Aw.ph[rw];
+          const float* y = yr + pw.dst_off * Yv.st[4];
+          const i64 ws = Aw.s * Yv.st[4];
+          if (ws == 2)
+            for (i64 qw = 0; qw < pw.Q; ++qw) o[qw] = y[2 * qw];
+          else
+            for (i64 qw = 0; qw < pw.Q; ++qw) o[qw] = y[qw * ws];
+        }
+      }
+    });
+    (void)nph_d;
+  }
+  const brgemm_t brg = blas().brgemm;
+  // Item tiles: c_out rows x c_in columns, as large as still leaves 2 items per thread.
+  const int nthreads = at::get_num_threads();
+  i64 MB = 64, NB = std::min<i64>(Cin_g, 128);
+  while (groups * ceil_div(Cout_g, MB) * ceil_div(Cin_g, NB) < 2 * nthreads && (MB > 16 || NB > 16)) {
+    if (NB >= MB && NB > 16) NB /= 2;
+    else MB /= 2;
+  }
+  const i64 KB = env_int("KSTCONV_WGRAD_KB", 256);  // pixels per reduction step
+  const i64 nmb = ceil_div(Cout_g, MB), nnb = ceil_div(Cin_g, NB);
+  const i64 KKt = kk[0] * kk[1] * kk[2], ci_stride = Cout_g * KKt;
+  // Items own whole (c_in, c_out) rows of dW (all phases), so each row is written once.
+  at::parallel_for(0, groups * nmb * nnb, 1, [&](i64 b0, i64 b1) {
+    std::vector<float> acc;   // [kernel tap][c_out][c_in] of the item
+    for (i64 it = b0; it < b1; ++it) {
+      const i64 g = it / (nmb * nnb), mb = (it / nnb) % nmb, nb = it % nnb;
+      const i64 co0 = mb * MB, mco = std::min(MB, Cout_g - co0);
+      const i64 ci0 = nb * NB, nci = std::min(NB, Cin_g - ci0);
+      acc.assign(KKt * mco * nci, 0.f);
+      for (i64 p = 0; p < P.P; ++p) {
+        i64 c3[3];
+        P.phase_coords(p, c3);
+        const AxisPhase &pd = Ad.ph[c3[0]], &ph = Ah.ph[c3[1]], &pw = Aw.ph[c3[2]];
+        if (pd.T() * ph.T() * pw.T() == 0 || pd.Q * ph.Q * pw.Q == 0) continue;
+        const i64 plane = ph.Q * Wc;  // one (n, c, qd) plane of D_p, rows of Wc pixels
+        // The plane is reduced in chunks of KB consecutive pixels (rows are contiguous in both
+        // operands, so any range is one strided matrix); each tap takes the part of the chunk
+        // whose rows meet real input rows.
+        for (i64 n = 0; n < N; ++n)
+          for (i64 qd = 0; qd < pd.Q; ++qd)
+            for (i64 k0 = 0; k0 < plane; k0 += KB) {
+              const i64 k1 = std::min(plane, k0 + KB);
+              const float* A0 = ds.data() + doff[p] +
+                                ((n * Cout + g * Cout_g + co0) * pd.Q + qd) * plane;
+              for (i64 td = 0; td < pd.T(); ++td) {
+                const i64 sd = qd + pd.soff[td];
+                if (sd < 0 || sd >= D) continue;
+                const float* Xplane = xs.data() + ((n * D + sd) * Hx) * Wc * Cin + g * Cin_g + ci0;
+                for (i64 th = 0; th < ph.T(); ++th) {
+                  // rows qh with 0 <= qh + offset < H
+                  const i64 a = std::max(k0, std::max<i64>(0, -ph.soff[th]) * Wc);
+                  const i64 b = std::min(k1, std::min(ph.Q, H - ph.soff[th]) * Wc);
+                  if (a >= b) continue;
+                  for (i64 tw = 0; tw < pw.T(); ++tw) {
+                    const i64 j = (pd.widx[td] * kk[1] + ph.widx[th]) * kk[2] + pw.widx[tw];
+                    const float* B = Xplane + (a + ph.soff[th] * Wc + pw.soff[tw] + padL) * Cin;
+                    brg(mco, nci, b - a, pd.Q * plane, Cin, nci, true, A0 + a, B,
+                        acc.data() + j * mco * nci, false);
+                  }
+                }
+              }
+            }
+      }
+      // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]: whole rows of KK taps at a time
+      for (i64 ci = 0; ci < nci; ++ci)
+        for (i64 co = 0; co < mco; ++co) {
+          float* o = out + (g * Cin_g + ci0 + ci) * ci_stride + (co0 + co) * KKt;
+          const float* a = acc.data() + co * nci + ci;
+          for (i64 j = 0; j < KKt; ++j) o[j] = a[j * mco * nci];
+        }
+    }
+  });
 }
 
 // --------------------------------------------------------------------------- choosing the order
@@ -1482,12 +1729,15 @@ int choose_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& d
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   double taps = 0;  // mean taps per phase
   for (i64 p = 0; p < P.P; ++p) taps += double(P.taps(p)) / double(P.P);
+  // Weight-heavy (few pixels, a big weight, batch-1 decoders' deep layers): stream the weight
+  // once, in place (GEMM first forward; weight-streaming grad_input).
+  const bool weight_heavy = weight.numel() > 2 * (src.numel() + dst.numel());
   if (!swap) {
     if (!brg) {
       const OrderCost c = order_cost(P, src.size(0), Csrc_g, Cdst_g, groups, kk);
       return c.b < c.a ? 2 : 1;
     }
-    if (Cdst_g <= 8 || in_img <= 4) return 2;
+    if (Cdst_g <= 8 || in_img <= 4 || weight_heavy) return 2;
     i64 qw = 0;
     for (const AxisPhase& ph : P.ax[2].ph) qw = std::max(qw, ph.Q);
     if (!channels_last_like(src) && src.stride(4) == 1 &&
@@ -1495,6 +1745,7 @@ int choose_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& d
       return 4;
     return 3;
   }
+  if (weight_heavy) return 6;
   if (!brg) return 1;
   // grad_input: src = grad_out (channels Csrc_g = C_out/g), one phase over the input positions
   const i64 out_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
@@ -1535,6 +1786,13 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
     conv_implicit_impl(src, weight, b, dst, pr, PE, groups, swap, int(act), slope, km);
     return;
   }
+  if (method == 6 && swap) {
+    Plan GI(plan, 1e30, false);  // one class per axis, every tap
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_gi_stream", [&] {
+      grad_input_weight_streaming_impl<scalar_t>(src, weight, dst, GI, groups);
+    });
+    return;
+  }
   if (method == 5 && src.scalar_type() == at::kFloat && blas().brgemm) {
     conv_impl<float>(src, weight, b, dst, pr, P, groups, swap, int(act), slope, true);
     return;
@@ -1557,10 +1815,24 @@ void grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
   Plan P(plan, merge_tau);
   if (method == 0) method = method_override();
   if (method == 0) {
+    // 1: phase patch matrix x BLAS; 2: input x patch matrix of grad_out (weight's own order);
+    // 3: brgemm, no patch matrix. Rules read off the real-layer suite (see README).
     const i64 kk[3] = {dw.size(2), dw.size(3), dw.size(4)};
-    const OrderCost c = order_cost(P, x.size(0), x.size(1) / groups, dy.size(1) / groups,
-                                   groups, kk);
-    method = c.b < c.a ? 2 : 1;
+    const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
+    const OrderCost c = order_cost(P, x.size(0), Cin_g, Cout_g, groups, kk);
+    const bool weight_heavy = dw.numel() > 2 * (x.numel() + dy.numel());
+    bool k_eq_s = true;
+    for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
+    const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
+    if (weight_heavy || Cout_g <= 8 || in_img <= 4) method = 2;
+    else if (x.scalar_type() == at::kFloat && blas().brgemm && Cin_g >= 32 &&
+             !(k_eq_s && in_img >= 8192))
+      method = 3;
+    else method = c.b < c.a ? 2 : 1;
+  }
+  if (method == 3 && x.scalar_type() == at::kFloat && blas().brgemm) {
+    grad_weight_brgemm_impl(x, dy, dw, Plan(plan, 0.0, false), groups);
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kstconv_grad_weight", [&] {
     if (method == 2) {
