@@ -11,7 +11,7 @@ from conftest import assert_close, make_case, reduction_length, reference
 
 NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
          "k3s2_dil2_gcd_empty", "big_padding", "groups3_k4s2", "depthwise", "wide_channels",
-         "stride1_1x1_input", "1d_hifigan_k16s8p4", "3d_anisotropic", "3d_groups"]
+         "stride1_1x1_input", "1x1_input_groups2_k3s2", "1d_hifigan_k16s8p4", "3d_anisotropic", "3d_groups"]
 # forward: 1-5; grad_input: 1, 3, 4, 5, 6; grad_weight: 1, 2, 3. 3-5 need float32 (brgemm).
 FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
        (3, torch.float32), (4, torch.float32), (5, torch.float32)]

@@ -1412,6 +1412,21 @@ void conv_gemm_first_impl(const at::Tensor& src_in, const at::Tensor& weight_in,
   else run(0, n_items);
 }
 
+// A 1x1 input whose output is exactly the kernel footprint (stride/padding/dilation irrelevant:
+// DCGAN's first layer, a latent vector to a k x k map): grad_out[n] viewed as [C_out * k^d] is
+// the patch row of input pixel n. True when the grad_input plan reads tap t at position t.
+inline bool dense_one_pixel(const Plan& GI, const at::Tensor& dy) {
+  for (int d = 0; d < 3; ++d) {
+    const Axis& A = GI.ax[d];
+    if (A.ph.size() != 1 || A.ph[0].Q != 1 || A.L_src != A.ph[0].T()) return false;
+    for (i64 t = 0; t < A.ph[0].T(); ++t)
+      if (A.ph[0].soff[t] != t) return false;
+  }
+  const i64 W = dy.size(4), H = dy.size(3), D = dy.size(2);
+  return dy.stride(4) == 1 && dy.stride(3) == W && dy.stride(2) == H * W &&
+         dy.stride(1) == D * H * W;
+}
+
 // grad_input for weight-heavy layers (few pixels, big weight): dX[c_in, i] = W[c_in, (c_out,
 // tap)] x P[(c_out, tap), i], P the patch matrix of grad_out in the weight's own order (all taps,
 // zero where outside). The weight is read in place, once, in row blocks split across threads
@@ -1428,6 +1443,13 @@ void grad_input_weight_streaming_impl(const at::Tensor& dy, const at::Tensor& we
   const at::Tensor none;
   View5<T> DX(dx), NoPre(none);
   const T* w = weight.data_ptr<T>();
+  if (dense_one_pixel(GI, dy) && DX.st[1] == 1) {
+    // dX[n, c_in] = grad_out[n, (c_out, tap)] x W[c_in, (c_out, tap)]^T, one GEMM per group
+    for (i64 g = 0; g < groups; ++g)
+      gemm_rm<T>(false, true, N, Cin_g, CK, T(1), DY.p + g * Cout_g * KK, DY.st[0],
+                 w + g * Cin_g * CK, CK, T(0), DX.p + g * Cin_g, DX.st[0]);
+    return;
+  }
   brgemm_t brg = nullptr;
   if constexpr (std::is_same<T, float>::value) brg = blas().brgemm;
   const int nthreads = at::get_num_threads();
@@ -1488,9 +1510,16 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
   const Items items = make_items(GI, groups, N, Mt, nthreads, false);
   const i64 n_items = (x.numel() == 0 || dy.numel() == 0) ? 0 : items.count();
   const bool outer_parallel = n_items >= nthreads && nthreads > 1;
+  T* out = dw.data_ptr<T>();
+  if (dense_one_pixel(GI, dy) && X.st[1] == 1 && x.numel() > 0 && dy.numel() > 0) {
+    // dW[c_in, (c_out, tap)] = x[n, c_in]^T x grad_out[n, (c_out, tap)], one GEMM per group
+    for (i64 g = 0; g < groups; ++g)
+      gemm_rm<T>(true, false, Cin_g, CK, N, T(1), X.p + g * Cin_g, X.st[0],
+                 DY.p + g * Cout_g * KK, DY.st[0], T(0), out + g * Cin_g * CK, CK);
+    return;
+  }
   // Thread 0 accumulates straight into dW; other threads into private copies added at the end
   // in thread order (deterministic for a given thread count).
-  T* out = dw.data_ptr<T>();
   std::fill(out, out + dw.numel(), T(0));
   std::vector<std::vector<T>> accs(outer_parallel ? nthreads : 1);
   const bool mk_dy = channels_last_like(dy);
@@ -1745,17 +1774,21 @@ int choose_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& d
       return 4;
     return 3;
   }
-  if (weight_heavy) return 6;
+  const i64 dx_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
+  if (weight_heavy || dx_img <= 4) return 6;
   if (!brg) return 1;
   // grad_input: src = grad_out (channels Csrc_g = C_out/g), one phase over the input positions
   const i64 out_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
   bool k_eq_s = true;
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].a;
-  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024)) return 1;
+  const i64 KK = kk[0] * kk[1] * kk[2];
+  if (Csrc_g <= 8 || (Csrc_g <= 32 && KK <= 16) || (k_eq_s && out_img >= 1024)) return 1;
   return 3;
 }
 
-inline int method_override() { return int(env_int("KSTCONV_METHOD", 0)); }  // 1: A, 2: B
+// Forced strategies, for experiments and tests: KSTCONV_METHOD (forward), KSTCONV_DGRAD_METHOD
+// (grad_input), KSTCONV_WGRAD_METHOD (grad_weight); 0 or unset: the rules above.
+inline int method_override(const char* name) { return int(env_int(name, 0)); }
 
 // --------------------------------------------------------------------------- entry points
 void check5(const at::Tensor& t, const char* name) {
@@ -1776,7 +1809,7 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
   Plan P(plan, merge_tau);
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor pr = pre.has_value() ? *pre : at::Tensor();
-  if (method == 0) method = method_override();
+  if (method == 0) method = method_override(swap ? "KSTCONV_DGRAD_METHOD" : "KSTCONV_METHOD");
   if (method == 0) method = choose_conv_method(P, src, dst, weight, groups, swap);
   if ((method == 3 || method == 4) && src.scalar_type() == at::kFloat && blas().brgemm) {
     // exact classes on d/h; along w merged (MK reads a zero-padded copy) unless KM
@@ -1813,7 +1846,7 @@ void grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
               "kstconv: dtype mismatch");
   TORCH_CHECK(dw.is_contiguous(), "kstconv: grad_weight output must be contiguous");
   Plan P(plan, merge_tau);
-  if (method == 0) method = method_override();
+  if (method == 0) method = method_override("KSTCONV_WGRAD_METHOD");
   if (method == 0) {
     // 1: phase patch matrix x BLAS; 2: input x patch matrix of grad_out (weight's own order);
     // 3: brgemm, no patch matrix. Rules read off the real-layer suite (see README).
