@@ -63,18 +63,29 @@ def time_ms(fn, device: str, rounds_hint: int = 1) -> float:
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
+    if once > 1.0:  # slow: that call was the measurement
+        return once * 1e3
     number = max(1, int(0.05 / max(once, 1e-6)))  # about 50 ms per measurement
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
                             num_threads=torch.get_num_threads())
     return timer.timeit(number).median * 1e3
 
 
-def time_interleaved(fns: dict, device: str, rounds: int) -> dict:
-    """Each implementation timed once per round, the order rotated every round; medians."""
+def time_interleaved(fns: dict, device: str, rounds: int, slow_s: float = 1.0) -> dict:
+    """Each implementation timed once per round, the order rotated every round; medians.
+    An implementation whose single call takes over ``slow_s`` seconds (zero insertion on the
+    large-stride layers) is timed in the first round only."""
+    import time
     names = list(fns)
-    for f in fns.values():  # warm up (compilation, autotuning, caches)
+    slow = set()
+    for n, f in fns.items():  # warm up (compilation, autotuning, caches); spot the slow ones
+        start = time.perf_counter()
         f()
-        f()
+        _sync(device)
+        if time.perf_counter() - start > slow_s:
+            slow.add(n)
+        else:
+            f()
     _sync(device)
     samples = {n: [] for n in names}
     for r in range(rounds):
@@ -82,6 +93,8 @@ def time_interleaved(fns: dict, device: str, rounds: int) -> dict:
         if r % 2:
             order = order[::-1]
         for n in order:
+            if n in slow and samples[n]:
+                continue
             samples[n].append(time_ms(fns[n], device))
     return {n: statistics.median(v) for n, v in samples.items()}
 

@@ -6,6 +6,7 @@ fp32 and fp64 run natively; fp16 and bf16 are computed in fp32 and cast once at 
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -68,6 +69,7 @@ def _encode_axis(l_src, l_dst, a, s, phases) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def forward_plan(geom: Geometry) -> list[int]:
     """Per axis: one phase per residue, gathering the input at stride 1."""
     flat = _UNIT_AXIS * (3 - geom.ndim)
@@ -77,6 +79,7 @@ def forward_plan(geom: Geometry) -> list[int]:
     return flat
 
 
+@functools.lru_cache(maxsize=1024)
 def grad_input_plan(geom: Geometry) -> list[int]:
     """Per axis: one phase over the input positions, gathering grad_out at stride s."""
     flat = _UNIT_AXIS * (3 - geom.ndim)

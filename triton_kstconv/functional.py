@@ -111,9 +111,13 @@ def conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     keep_pre = act.needs_preactivation and wants_grad
-    out, _ = ops.conv_transpose(x, weight, bias, list(params.stride), list(params.padding),
-                                list(params.output_padding), g, list(params.dilation),
-                                act.name or "", act.param, keep_pre, engine)
+    conv = (list(params.stride), list(params.padding), list(params.output_padding), g,
+            list(params.dilation))
+    if torch.compiler.is_compiling():   # traced: the registered op (fake impl, autograd formula)
+        out, _ = ops.conv_transpose(x, weight, bias, *conv, act.name or "", act.param, keep_pre,
+                                    engine)
+    else:                               # eager: the same engines, less dispatch
+        out = ops.conv_transpose_eager(x, weight, bias, conv, act, keep_pre, engine)
     return out if batched else out.squeeze(0)
 
 

@@ -11,6 +11,7 @@ engine by name (``"cpp"``, ``"torch"``, ``"triton"``); ``functional`` picks it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from typing import List, Optional
@@ -49,13 +50,94 @@ def engine(name: str):
 
 
 def geometry_of(in_size, kernel, stride, padding, output_padding, groups, dilation) -> Geometry:
-    params = normalize_params(len(in_size), list(stride), list(padding), list(output_padding),
-                              groups, list(dilation))
-    return make_geometry(params, list(in_size), list(kernel))
+    args = (tuple(in_size), tuple(kernel), tuple(stride), tuple(padding), tuple(output_padding),
+            groups, tuple(dilation))
+    if all(type(v) is int for v in args[0] + args[1]):
+        return _geometry(*args)
+    return _geometry.__wrapped__(*args)   # symbolic sizes (tracing): not hashable, not cached
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(in_size, kernel, stride, padding, output_padding, groups, dilation) -> Geometry:
+    params = normalize_params(len(in_size), stride, padding, output_padding, groups, dilation)
+    return make_geometry(params, in_size, kernel)
 
 
 def _empty(shape, like: Tensor, fmt) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device).contiguous(memory_format=fmt)
+
+
+# ------------------------------------------------------------ implementations (ops and eager)
+def _forward_impl(x, weight, bias, conv, act: Activation, keep_pre, backend):
+    geom = geometry_of(x.shape[2:], weight.shape[2:], *conv)
+    out, pre = engine(backend).forward(x, weight, bias, geom, act, keep_pre)
+    fmt = output_memory_format(geom.ndim, x, weight)
+    out = out.contiguous(memory_format=fmt)
+    pre = pre.contiguous(memory_format=fmt) if keep_pre else x.new_empty(0)
+    return out, pre
+
+
+def _grad_input_impl(grad, weight, in_size, conv, backend):
+    geom = geometry_of(in_size, weight.shape[2:], *conv)
+    dx = engine(backend).grad_input(grad, weight, geom)
+    return dx.contiguous(memory_format=output_memory_format(geom.ndim, grad, weight))
+
+
+def _grad_weight_impl(x, grad, weight_size, conv, backend):
+    geom = geometry_of(x.shape[2:], weight_size[2:], *conv)
+    return engine(backend).grad_weight(x, grad, list(weight_size), geom, x.dtype).contiguous()
+
+
+def _backward(ctx, grad_out, grad_pre, differentiable: bool):
+    """Shared backward of the forward op: the activation's derivative, then grad_input,
+    grad_weight and grad_bias as needed. ``differentiable``: through the registered ops (so
+    that a second derivative exists), else straight to the engine."""
+    x, weight, out, pre = ctx.saved_tensors
+    grad = epilogue.backward(grad_out, out, pre, ctx.act)
+    if grad_pre is not None and grad_pre.numel():
+        grad = grad + grad_pre
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = conv_transpose_grad_input(grad, weight, ctx.in_size, *ctx.conv, ctx.backend) \
+            if differentiable else _grad_input_impl(grad, weight, ctx.in_size, ctx.conv,
+                                                    ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = conv_transpose_grad_weight(x, grad, ctx.weight_size, *ctx.conv, ctx.backend) \
+            if differentiable else _grad_weight_impl(x, grad, ctx.weight_size, ctx.conv,
+                                                     ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = grad.sum([0] + list(range(2, grad.dim())))
+    return dx, dw, db
+
+
+def _save(ctx, x, weight, bias, conv, act: Activation, backend, out, pre, keep_pre):
+    ctx.conv = conv
+    ctx.act = act
+    ctx.backend = backend
+    ctx.in_size = list(x.shape[2:])
+    ctx.weight_size = list(weight.shape)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, out if act.name else None, pre if keep_pre else None)
+
+
+class _EagerConvTranspose(torch.autograd.Function):
+    """The eager path: the same engines without the custom-op dispatch (a third of the
+    per-call overhead of a small layer). A second derivative goes through the registered ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, act, keep_pre, backend):
+        out, pre = _forward_impl(x, weight, bias, conv, act, keep_pre, backend)
+        _save(ctx, x, weight, bias, conv, act, backend, out, pre, keep_pre)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx, dw, db = _backward(ctx, grad_out, None, differentiable=torch.is_grad_enabled())
+        return dx, dw, db, None, None, None, None
+
+
+def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend):
+    return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -64,15 +146,9 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
                    padding: List[int], output_padding: List[int], groups: int,
                    dilation: List[int], act: str, act_param: float, keep_pre: bool,
                    backend: str) -> tuple[Tensor, Tensor]:
-    nd = weight.dim() - 2
-    geom = geometry_of(x.shape[2:], weight.shape[2:], stride, padding, output_padding, groups,
-                       dilation)
-    activation = Activation(act or None, act_param)
-    out, pre = engine(backend).forward(x, weight, bias, geom, activation, keep_pre)
-    fmt = output_memory_format(nd, x, weight)
-    out = out.contiguous(memory_format=fmt)
-    pre = pre.contiguous(memory_format=fmt) if keep_pre else x.new_empty(0)
-    return out, pre
+    conv = (stride, padding, output_padding, groups, dilation)
+    return _forward_impl(x, weight, bias, conv, Activation(act or None, act_param), keep_pre,
+                         backend)
 
 
 @conv_transpose.register_fake
@@ -91,10 +167,8 @@ def _(x, weight, bias, stride, padding, output_padding, groups, dilation, act, a
 def conv_transpose_grad_input(grad: Tensor, weight: Tensor, in_size: List[int], stride: List[int],
                               padding: List[int], output_padding: List[int], groups: int,
                               dilation: List[int], backend: str) -> Tensor:
-    geom = geometry_of(in_size, weight.shape[2:], stride, padding, output_padding, groups,
-                       dilation)
-    dx = engine(backend).grad_input(grad, weight, geom)
-    return dx.contiguous(memory_format=output_memory_format(geom.ndim, grad, weight))
+    return _grad_input_impl(grad, weight, in_size,
+                            (stride, padding, output_padding, groups, dilation), backend)
 
 
 @conv_transpose_grad_input.register_fake
@@ -108,10 +182,8 @@ def _(grad, weight, in_size, stride, padding, output_padding, groups, dilation, 
 def conv_transpose_grad_weight(x: Tensor, grad: Tensor, weight_size: List[int],
                                stride: List[int], padding: List[int], output_padding: List[int],
                                groups: int, dilation: List[int], backend: str) -> Tensor:
-    geom = geometry_of(x.shape[2:], weight_size[2:], stride, padding, output_padding, groups,
-                       dilation)
-    dw = engine(backend).grad_weight(x, grad, weight_size, geom, x.dtype)
-    return dw.contiguous()
+    return _grad_weight_impl(x, grad, weight_size,
+                             (stride, padding, output_padding, groups, dilation), backend)
 
 
 @conv_transpose_grad_weight.register_fake
@@ -124,28 +196,13 @@ def _fwd_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, output_padding, groups, dilation, act, act_param, \
         keep_pre, backend = inputs
     out, pre = output
-    ctx.conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
-    ctx.act = Activation(act or None, act_param)
-    ctx.backend = backend
-    ctx.in_size = list(x.shape[2:])
-    ctx.weight_size = list(weight.shape)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, out if act else None, pre if keep_pre else None)
+    conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
+    _save(ctx, x, weight, bias, conv, Activation(act or None, act_param), backend, out, pre,
+          keep_pre)
 
 
 def _fwd_backward(ctx, grad_out, grad_pre):
-    x, weight, out, pre = ctx.saved_tensors
-    grad = epilogue.backward(grad_out, out, pre, ctx.act)
-    if grad_pre is not None and grad_pre.numel():
-        grad = grad + grad_pre
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = conv_transpose_grad_input(grad, weight, ctx.in_size, *ctx.conv, ctx.backend)
-    if ctx.needs_input_grad[1]:
-        dw = conv_transpose_grad_weight(x, grad, ctx.weight_size, *ctx.conv, ctx.backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = grad.sum([0] + list(range(2, grad.dim())))
-    return dx, dw, db, None, None, None, None, None, None, None, None, None
+    return _backward(ctx, grad_out, grad_pre, differentiable=True) + (None,) * 9
 
 
 conv_transpose.register_autograd(_fwd_backward, setup_context=_fwd_setup)

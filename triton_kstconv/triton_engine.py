@@ -10,6 +10,7 @@ and layout, never on batch or spatial size; Triton caches the result on disk), a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import inspect
@@ -136,12 +137,15 @@ def _autotune_enabled() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def tuned_table() -> dict:
-    """Configs chosen by perf/autotune.py for known shape keys (skips tuning at run time)."""
+    """Configs chosen by perf/autotune.py for known shape keys (skips tuning at run time):
+    every ``tuned/*.json`` shipped with the package, then ``KSTCONV_TUNED_TABLE`` if set."""
+    paths = sorted(glob.glob(os.path.join(_TUNED_DIR, "*.json")))
+    if os.environ.get("KSTCONV_TUNED_TABLE"):
+        paths.append(os.environ["KSTCONV_TUNED_TABLE"])
     table = {}
-    for path in sorted(glob.glob(os.path.join(_TUNED_DIR, "*.json"))):
+    for path in paths:
         with open(path) as f:
-            data = json.load(f)
-        table.update(data.get("configs", {}))
+            table.update(json.load(f).get("configs", {}))
     return table
 
 
@@ -216,15 +220,34 @@ def _tuned_kernel(kind: str):
                            **kwargs)(base)
 
 
+_FORCED: list = []   # configs forced by forced_config() (the autotune sweep)
+
+
+@contextlib.contextmanager
+def forced_config(cfg: dict):
+    """Run every launch inside the block with ``cfg`` (used by perf/autotune.py)."""
+    _FORCED.append(cfg)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int,
                   layout: int, device: torch.device):
     """A config dict, or None to autotune (see the module docstring for the order)."""
-    if interpreting():
-        return heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    cfg = tuned_table().get(shape_key(kind, dtype, c_src_g, c_dst_g, taps, layout, dev_name))
+    if _FORCED:
+        return _FORCED[-1]
+    key = shape_key(kind, dtype, c_src_g, c_dst_g, taps, layout, device_name(device))
+    cfg = tuned_table().get(key)
     if cfg is not None:
         return cfg
+    if interpreting():
+        return heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
     if _autotune_enabled() and kind != "wgrad":
         return None
     return heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
