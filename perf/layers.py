@@ -95,6 +95,8 @@ SUITE = [
     _L("unet3d", "256-128@16 k2s2", 2, 256, 128, (16, 16, 16), 2, 2),
     _L("unet3d", "128-64@32 k2s2", 2, 128, 64, (32, 32, 32), 2, 2),
     _L("unet3d", "64-32@64 k2s2", 2, 64, 32, (64, 64, 64), 2, 2),
+    # the paper's one-layer MNIST model (perf/paper.py digits), batch 64
+    _L("mnist", "32-32@28 k4s2p1", 64, 32, 32, (28, 28), 4, 2, 1),
     # generic autoencoder decoders, k3 s2 p1 op1
     _L("decoder", "64-64@64 k3s2p1op1", 8, 64, 64, (64, 64), 3, 2, 1, 1),
     _L("decoder", "128-64@32 k3s2p1op1", 8, 128, 64, (32, 32), 3, 2, 1, 1),

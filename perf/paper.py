@@ -132,27 +132,37 @@ def run_digits(epochs: int = 4, batch: int = 64, mnist: str | None = None, width
     n_test = max(1, len(x) // 6)
     xt, yt, xs, ys = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
     base = OneLayerNet(width)
-    results = {}
-    for name, cls in VARIANTS.items():
-        model = _swap_conv_transpose(base, cls)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        g = torch.Generator().manual_seed(1)
-        losses, epoch_s = [], []
-        for _ in range(epochs):
-            order = torch.randperm(len(xs), generator=g)
+    names = list(VARIANTS)
+    state = {}
+    for name in names:
+        model = _swap_conv_transpose(base, VARIANTS[name])
+        state[name] = dict(model=model, opt=torch.optim.SGD(model.parameters(), lr=0.05,
+                                                            momentum=0.9),
+                           gen=torch.Generator().manual_seed(1), losses=[], epoch_s=[])
+    # the variants train in lockstep, one epoch each in turn (order rotated every epoch), so
+    # that machine noise falls on all of them alike; each sees the same batches
+    for epoch in range(epochs):
+        order = names[epoch % len(names):] + names[:epoch % len(names)]
+        for name in order:
+            st = state[name]
+            perm = torch.randperm(len(xs), generator=st["gen"])
             start = time.perf_counter()
             for i in range(0, len(xs) - batch + 1, batch):
-                idx = order[i:i + batch]
-                opt.zero_grad()
-                loss = F.cross_entropy(model(xs[idx]), ys[idx])
+                idx = perm[i:i + batch]
+                st["opt"].zero_grad()
+                loss = F.cross_entropy(st["model"](xs[idx]), ys[idx])
                 loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            epoch_s.append(time.perf_counter() - start)
+                st["opt"].step()
+                st["losses"].append(loss.item())
+            st["epoch_s"].append(time.perf_counter() - start)
+    results = {}
+    for name in names:
+        st = state[name]
         with torch.no_grad():
-            acc = (model(xt).argmax(1) == yt).float().mean().item()
-        results[name] = {"epoch_s": epoch_s, "median_epoch_s": statistics.median(epoch_s[1:] or epoch_s),
-                         "losses": losses, "test_accuracy": acc}
+            acc = (st["model"](xt).argmax(1) == yt).float().mean().item()
+        results[name] = {"epoch_s": st["epoch_s"],
+                         "median_epoch_s": statistics.median(st["epoch_s"][1:] or st["epoch_s"]),
+                         "losses": st["losses"], "test_accuracy": acc}
     ours = results["ours"]["median_epoch_s"]
     print(f"\n(a) one transposed-convolution layer ({width}->{width}, k4 s2 p1, 28->56), "
           f"{'MNIST' if mnist else 'scikit-learn digits resized to 28x28'}, batch {batch}, "

@@ -1782,7 +1782,8 @@ int choose_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& d
   bool k_eq_s = true;
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].a;
   const i64 KK = kk[0] * kk[1] * kk[2];
-  if (Csrc_g <= 8 || (Csrc_g <= 32 && KK <= 16) || (k_eq_s && out_img >= 1024)) return 1;
+  const bool one_d = P.ax[0].L_dst == 1 && P.ax[1].L_dst == 1;
+  if (Csrc_g <= 8 || (one_d && Csrc_g <= 32 && KK <= 16) || (k_eq_s && out_img >= 1024)) return 1;
   return 3;
 }
 
@@ -1857,9 +1858,10 @@ void grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
     bool k_eq_s = true;
     for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
     const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
+    const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
     if (weight_heavy || Cout_g <= 8 || in_img <= 4) method = 2;
     else if (x.scalar_type() == at::kFloat && blas().brgemm && Cin_g >= 32 &&
-             !(k_eq_s && in_img >= 8192))
+             !(k_eq_s && in_img >= 8192) && !(one_d && Cin_g <= 128))
       method = 3;
     else method = c.b < c.a ? 2 : 1;
   }
