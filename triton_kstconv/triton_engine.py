@@ -2,11 +2,11 @@
 (autotuned, from the shipped tuning table, or a heuristic) and the launches for forward,
 grad_input and grad_weight. The kernels themselves are in triton_kernels.py.
 
-Configuration, in order: ``TRITON_INTERPRET=1`` runs one small fixed config (CPU tensors);
-a shape key found in ``tuned/*.json`` (written by ``perf/autotune.py``) uses its config with no
-tuning; else ``KSTCONV_AUTOTUNE=1`` autotunes (keyed on bucketed channels, taps, stride, dtype
-and layout, never on batch or spatial size; Triton caches the result on disk), and the default
-``KSTCONV_AUTOTUNE=0`` picks a heuristic config at once (no start-up latency).
+Configuration, in order: a shape key found in ``tuned/*.json`` (written by
+``perf/autotune.py``) uses its config with no tuning; ``TRITON_INTERPRET=1`` runs one small
+fixed config (CPU tensors); else Triton's autotuner runs once per key (bucketed channels, taps,
+dtype and layout, never batch or spatial size) and caches the result on disk;
+``KSTCONV_AUTOTUNE=0`` skips tuning for a heuristic config (no start-up latency).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("KSTCONV_AUTOTUNE", "0") == "1" and not interpreting()
+    return os.environ.get("KSTCONV_AUTOTUNE", "1") != "0" and not interpreting()
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,10 +181,11 @@ def config_space(kind: str):
                     for stages in (2, 3, 4):
                         if bm * bn > 128 * 256 or (bm * bn >= 128 * 128 and warps == 4):
                             continue
-                        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                        if kind != "wgrad":
-                            meta["GROUP_M"] = 8
-                        out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+                        for group_m in ((1, 8) if kind != "wgrad" else (None,)):
+                            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                            if group_m is not None:
+                                meta["GROUP_M"] = group_m
+                            out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -248,7 +249,7 @@ def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: in
         return cfg
     if interpreting():
         return heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
-    if _autotune_enabled() and kind != "wgrad":
+    if _autotune_enabled():
         return None
     return heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
 
@@ -353,28 +354,39 @@ def grad_weight(x, grad, weight_shape, geom: Geometry, dtype):
         return dw
     table = _table(rows, x.device)
     taps = max(r[3] * r[4] * r[5] for r in rows)
-    cfg, launch = _split_launch_options(choose_config("wgrad", m_max, c_in_g, c_out_g, dtype,
-                                                      taps, _layout_code(x), x.device))
+    cfg = choose_config("wgrad", m_max, c_in_g, c_out_g, dtype, taps, _layout_code(x), x.device)
+    nominal = cfg or heuristic_config("wgrad", m_max, c_in_g, c_out_g, dtype)
     kp_max = max(r[13] for r in rows)
-    tiles = triton.cdiv(c_out_g, cfg["BLOCK_M"]) * triton.cdiv(kp_max, cfg["BLOCK_N"])
-    # split the pixel reduction so that the GPU is full; each split owns a workspace slot
+    tiles = triton.cdiv(c_out_g, nominal["BLOCK_M"]) * triton.cdiv(kp_max, nominal["BLOCK_N"])
+    # split the pixel reduction so that the GPU is full; each split owns a workspace slot (the
+    # split does not depend on the config, so autotuning may vary the tiles freely)
     target = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count
                   if x.device.type == "cuda" else 1)
     splits = max(1, min(triton.cdiv(target, max(1, tiles * len(rows) * g)),
-                        triton.cdiv(m_max, 4 * cfg["BLOCK_K"]), 64))
-    per_split = triton.cdiv(triton.cdiv(m_max, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+                        triton.cdiv(m_max, 4 * nominal["BLOCK_K"]), 64))
+    per_split = triton.cdiv(triton.cdiv(m_max, splits), nominal["BLOCK_K"]) * nominal["BLOCK_K"]
     splits = triton.cdiv(m_max, per_split)
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ws = buffers.empty((splits, g, per_group), acc_dtype, x.device)
     sx, sy = _strides5(x), _strides5(grad)
     fw = _forward_plan(geom)
-    tk.wgrad_phase_kernel[(tiles, len(rows), g * splits)](
-        x, grad, ws, table, n, c_in_g, c_out_g, *[a["L"] for a in fw],
-        *[a["S"] for a in fw], *[a["STEP"] for a in fw], *sx, *sy,
-        ws.stride(0), ws.stride(1), splits, per_split,
-        _bucket(c_in_g), _bucket(c_out_g), taps, _layout_code(x),
-        ACC_FP64=dtype == torch.float64, UPCAST=interpreting() and dtype == torch.bfloat16,
-        PRECISION=_precision(dtype), **cfg, **launch)
+    args = (x, grad, ws, table, n, c_in_g, c_out_g, *[a["L"] for a in fw],
+            *[a["S"] for a in fw], *[a["STEP"] for a in fw], *sx, *sy,
+            ws.stride(0), ws.stride(1), splits, per_split,
+            _bucket(c_in_g), _bucket(c_out_g), taps, _layout_code(x))
+    meta_const = dict(ACC_FP64=dtype == torch.float64,
+                      UPCAST=interpreting() and dtype == torch.bfloat16,
+                      PRECISION=_precision(dtype))
+
+    def grid(meta):
+        return (triton.cdiv(c_out_g, meta["BLOCK_M"]) * triton.cdiv(kp_max, meta["BLOCK_N"]),
+                len(rows), g * splits)
+
+    if cfg is None:
+        _tuned_kernel("wgrad")[grid](*args, **meta_const)
+    else:
+        meta, launch = _split_launch_options(cfg)
+        tk.wgrad_phase_kernel[grid(meta)](*args, **meta_const, **meta, **launch)
     packed = ws.sum(0)                               # fixed-order reduction of the splits
     _unpack_weight_grad(packed, dw, geom)
     return dw
