@@ -81,3 +81,35 @@ def test_grad_weight_methods(name, method, dtype, items):
 
 def test_blas_found():
     assert cpp_engine.load().have_blas(), "MKL's sgemm_ was not found in libtorch_cpu"
+
+
+# Rows long enough for the vector paths (8 x 8 transposes, the stride-2 phase split of grad_out),
+# with channel and pixel tails, a batch that grad_weight splits into ranges, and odd strides.
+WIDE = [dict(c_in=20, c_out=36, size=(6, 41), kernel=(4, 4), stride=(2, 2), padding=(1, 1)),
+        dict(c_in=33, c_out=17, size=(5, 29), kernel=(3, 5), stride=(1, 2), padding=(1, 2)),
+        dict(c_in=16, c_out=40, size=(4, 19), kernel=(3, 3), stride=(3, 3), padding=(0, 1))]
+
+
+@pytest.mark.parametrize("case", WIDE, ids=["k4s2", "k35s12", "k3s3"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_wide_rows_all_passes(case, batch):
+    nd, dtype = 2, torch.float32
+    x, w, b = make_case(nd, batch, case["c_in"], case["c_out"], 1, case["size"], case["kernel"],
+                        case["stride"], case["padding"], (0, 0), (1, 1), True, torch.float64)
+    conv = dict(stride=case["stride"], padding=case["padding"], output_padding=(0, 0), groups=1,
+                dilation=(1, 1))
+    geom = geometry_of(x.shape[2:], case["kernel"], case["stride"], case["padding"], (0, 0), 1,
+                       (1, 1))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = reference(xr, wr, b, nd, **conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    k = reduction_length(case["c_in"], 1, case["kernel"], case["stride"])
+    for method in (3, 4, 5):
+        out, _ = cpp_engine.forward(x.to(dtype), w.to(dtype), b.to(dtype), geom,
+                                    parse_activation(None), False, method=method)
+        assert_close(out, y.detach(), dtype, k)
+    dx = cpp_engine.grad_input(g.to(dtype), w.to(dtype), geom, method=3)
+    assert_close(dx, xr.grad, dtype, reduction_length(case["c_out"], 1, case["kernel"], (1, 1)))
+    dw = cpp_engine.grad_weight(x.to(dtype), g.to(dtype), w.shape, geom, dtype, method=3)
+    assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())

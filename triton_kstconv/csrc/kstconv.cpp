@@ -317,6 +317,11 @@ struct Block {
 // spatial stride is small; MK layout: cols[m][k] (channels contiguous), for channels-last sources.
 // k runs over (td, th, tw, c) of the block's tap ranges, m over (n, qd, qh, qw).
 // chan_outer: k runs over (c, td, th, tw) instead (the ConvTranspose weight's own order).
+inline i64 env_int(const char* name, i64 dflt) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : dflt;
+}
+
 template <typename T>
 void im2col(const View5<const T>& X, const Plan& P, const Block& b, i64 Cg, bool mk, T* cols,
             bool chan_outer = false) {
@@ -586,10 +591,6 @@ struct Items {
   i64 count() const { return groups * nph * nblk_n * nblk_o; }
 };
 
-inline i64 env_int(const char* name, i64 dflt) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : dflt;
-}
 
 // Destination pixels per phase that an item of a phase-im2col pass aims at.
 i64 im2col_target(i64 Kmax, i64 Cdst_g) {
@@ -715,6 +716,7 @@ void for_each_k_run(const Plan& P, const Block& b, i64 Cg, F&& gemm) {
 inline bool channels_last_like(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
 
 // --------------------------------------------------------------------------- layout
+
 // A channels-last (N, D, H, W, C) copy of a 5-d tensor, transposed in 16 x 16 tiles (ATen's
 // generic strided copy is several times slower for this permutation). Already channels-last
 // tensors are returned as they are.
@@ -739,6 +741,22 @@ __attribute__((target("avx2"))) static void transpose8x8(const float* src, i64 l
   }
 }
 
+// o0[i] = y[2i], o1[i] = y[2i + 1] for i < q, 8 at a time in AVX2; returns how many were done
+__attribute__((target("avx2"))) static i64 deinterleave2(const float* y, i64 q, float* o0,
+                                                          float* o1) {
+  i64 i = 0;
+  for (; i + 8 <= q; i += 8) {
+    const __m256 a = _mm256_loadu_ps(y + 2 * i), b = _mm256_loadu_ps(y + 2 * i + 8);
+    // a = y0..y7, b = y8..y15; within 128-bit lanes pick evens / odds, then fix lane order
+    const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // 0 2 8 10 | 4 6 12 14
+    const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));  // 1 3 9 11 | 5 7 13 15
+    const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    _mm256_storeu_ps(o0 + i, _mm256_permutevar8x32_ps(ev, perm));
+    _mm256_storeu_ps(o1 + i, _mm256_permutevar8x32_ps(od, perm));
+  }
+  return i;
+}
+
 inline bool have_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok;
@@ -755,39 +773,50 @@ at::Tensor to_channels_last(const at::Tensor& t, i64 pad_lo = 0, i64 pad_hi = 0)
                              t.options().memory_format(at::MemoryFormat::ChannelsLast3d));
   View5<const T> X(t);
   T* o = out.data_ptr<T>();
-  const i64 rows = N * D * H;
-  constexpr i64 TP = 32;  // pixels per work item
-  const i64 npb = ceil_div(W, TP);
+  // items: (n, d, block of RB rows); an item walks 8 channels at a time through all of its
+  // rows, so that each channel plane is read in long contiguous runs
+  const int nthreads = at::get_num_threads();
+  i64 RB = std::min<i64>(H, std::max<i64>(1, ceil_div(2048, std::max<i64>(W, 1))));
+  while (RB > 1 && N * D * ceil_div(H, RB) < 4 * nthreads) RB = ceil_div(RB, 2);
+  const i64 nrb = ceil_div(H, RB);
   bool fast = false;
   if constexpr (std::is_same<T, float>::value) fast = X.st[4] == 1 && have_avx2();
-  at::parallel_for(0, rows * npb, 1, [&](i64 b0, i64 b1) {
+  const bool cl_in = X.st[1] == 1 && X.st[4] == C;
+  at::parallel_for(0, N * D * nrb, 1, [&](i64 b0, i64 b1) {
     for (i64 b = b0; b < b1; ++b) {
-      const i64 row = b / npb, pb = b % npb;
-      const i64 n = row / (D * H), d = (row / H) % D, h = row % H;
-      const i64 w0 = pb * TP, w1 = std::min(W, w0 + TP);
-      T* orow = o + row * Wp * C;
-      if (pb == 0) std::fill(orow, orow + pad_lo * C, T(0));
-      if (pb == npb - 1) std::fill(orow + (pad_lo + W) * C, orow + Wp * C, T(0));
-      const T* xr = X.p + n * X.st[0] + d * X.st[2] + h * X.st[3];
-      T* ob = orow + pad_lo * C;
-      if (X.st[1] == 1 && X.st[4] == C) {
-        std::memcpy(ob + w0 * C, xr + w0 * C, sizeof(T) * (w1 - w0) * C);
-        continue;
+      const i64 nd = b / nrb, h0 = (b % nrb) * RB, h1 = std::min(H, h0 + RB);
+      const i64 n = nd / D, d = nd % D;
+      const T* xd = X.p + n * X.st[0] + d * X.st[2];
+      T* od = o + (nd * H) * Wp * C;
+      for (i64 h = h0; h < h1; ++h) {
+        T* orow = od + h * Wp * C;
+        std::fill(orow, orow + pad_lo * C, T(0));
+        std::fill(orow + (pad_lo + W) * C, orow + Wp * C, T(0));
+        if (cl_in) std::memcpy(orow + pad_lo * C, xd + h * X.st[3], sizeof(T) * W * C);
       }
-      i64 c8 = 0, w8 = w0;
+      if (cl_in) continue;
+      i64 c8 = 0, w8 = 0;
       if constexpr (std::is_same<T, float>::value) {
         if (fast) {
           c8 = C / 8 * 8;
-          w8 = w0 + (w1 - w0) / 8 * 8;
+          w8 = W / 8 * 8;
           for (i64 c = 0; c < c8; c += 8)
-            for (i64 w = w0; w < w8; w += 8) transpose8x8(xr + c * X.st[1] + w, X.st[1], ob + w * C + c, C);
+            for (i64 h = h0; h < h1; ++h) {
+              const T* xr = xd + h * X.st[3] + c * X.st[1];
+              T* ob = od + (h * Wp + pad_lo) * C + c;
+              for (i64 w = 0; w < w8; w += 8) transpose8x8(xr + w, X.st[1], ob + w * C, C);
+            }
         }
       }
       // what the 8 x 8 blocks left: the channel tail, and the pixel tail of every channel
-      for (i64 w = w0; w < w1; ++w) {
-        T* op = ob + w * C;
-        const T* xp = xr + w * X.st[4];
-        for (i64 c = (w < w8 ? c8 : 0); c < C; ++c) op[c] = xp[c * X.st[1]];
+      for (i64 h = h0; h < h1; ++h) {
+        const T* xr = xd + h * X.st[3];
+        T* ob = od + (h * Wp + pad_lo) * C;
+        for (i64 w = 0; w < W; ++w) {
+          T* op = ob + w * C;
+          const T* xp = xr + w * X.st[4];
+          for (i64 c = (w < w8 ? c8 : 0); c < C; ++c) op[c] = xp[c * X.st[1]];
+        }
       }
     }
   });
@@ -1591,13 +1620,18 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
   const i64 Wc = std::max(Aw.L_src + padL + padR, Qw_max);
   const i64 D = Ad.L_src, H = Ah.L_src, Hx = H + 1;  // one zero row below every plane
   // X: [N, D, Hx, Wc, Cin] channels-last, real pixels at rows [0, H), columns [padL, padL + W)
-  std::vector<float> xs(N * D * Hx * Wc * Cin, 0.f);
+  // (buffers are not zero-filled up front: every element is written once, by the thread
+  // that owns its row, so that the pages are touched in parallel)
+  std::unique_ptr<float[]> xs(new float[std::max<i64>(1, N * D * Hx * Wc * Cin)]);
   {
     View5<const float> Xv(x_in);
     at::parallel_for(0, N * D * H, 1, [&](i64 b0, i64 b1) {
       for (i64 r = b0; r < b1; ++r) {
         const i64 n = r / (D * H), d = (r / H) % D, h = r % H;
-        float* orow = xs.data() + (((n * D + d) * Hx + h) * Wc + padL) * Cin;
+        float* row0 = xs.get() + (((n * D + d) * Hx + h) * Wc) * Cin;
+        std::fill(row0, row0 + padL * Cin, 0.f);
+        std::fill(row0 + (padL + Aw.L_src) * Cin, row0 + (h == H - 1 ? 2 : 1) * Wc * Cin, 0.f);
+        float* orow = row0 + padL * Cin;
         const float* xr = Xv.p + n * Xv.st[0] + d * Xv.st[2] + h * Xv.st[3];
         const i64 W = Aw.L_src;
         i64 c8 = 0, w8 = 0;
@@ -1620,11 +1654,13 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
     P.phase_coords(p, c3);
     doff[p + 1] = doff[p] + N * Cout * Ad.ph[c3[0]].Q * Ah.ph[c3[1]].Q * Wc;
   }
-  std::vector<float> ds(doff[P.P], 0.f);
+  std::unique_ptr<float[]> ds(new float[std::max<i64>(1, doff[P.P])]);
   {
     // one pass over grad_out, row by row: each row (n, c, od, oh) splits into its w phases
     View5<const float> Yv(dy);
     const i64 nph_d = i64(Ad.ph.size()), nph_h = i64(Ah.ph.size()), nph_w = i64(Aw.ph.size());
+    const bool split2 = nph_w == 2 && Aw.s == 2 && Yv.st[4] == 1 && Aw.ph[0].dst_off == 0 &&
+                        Aw.ph[1].dst_off == 1 && have_avx2();
     at::parallel_for(0, N * Cout * Ad.L_dst * Ah.L_dst, 1, [&](i64 b0, i64 b1) {
       for (i64 b = b0; b < b1; ++b) {
         const i64 oh = b % Ah.L_dst, od = (b / Ah.L_dst) % Ad.L_dst;
@@ -1633,9 +1669,23 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
         const AxisPhase &pd = Ad.ph[rd], &ph = Ah.ph[rh];
         if (qd >= pd.Q || qh >= ph.Q) continue;
         const float* yr = Yv.p + n * Yv.st[0] + c * Yv.st[1] + od * Yv.st[2] + oh * Yv.st[3];
+        if (split2) {  // stride 2 along w, unit pixel stride: both phases in one pass
+          const i64 p0 = (rd * nph_h + rh) * nph_w;
+          const i64 row = (((n * Cout + c) * pd.Q + qd) * ph.Q + qh) * Wc;
+          float* o0 = ds.get() + doff[p0] + row;
+          float* o1 = ds.get() + doff[p0 + 1] + row;
+          const i64 q0 = Aw.ph[0].Q, q1 = Aw.ph[1].Q;
+          const i64 done = deinterleave2(yr, std::min(q0, q1), o0, o1);
+          for (i64 qw = done; qw < q0; ++qw) o0[qw] = yr[2 * qw];
+          for (i64 qw = done; qw < q1; ++qw) o1[qw] = yr[2 * qw + 1];
+          std::fill(o0 + q0, o0 + Wc, 0.f);
+          std::fill(o1 + q1, o1 + Wc, 0.f);
+          continue;
+        }
         for (i64 rw = 0; rw < nph_w; ++rw) {
           const i64 p = (rd * nph_h + rh) * nph_w + rw;
-          float* o = ds.data() + doff[p] + (((n * Cout + c) * pd.Q + qd) * ph.Q + qh) * Wc;
+          float* o = ds.get() + doff[p] + (((n * Cout + c) * pd.Q + qd) * ph.Q + qh) * Wc;
+          std::fill(o + Aw.ph[rw].Q, o + Wc, 0.f);
           const AxisPhase& pw = Aw.ph[rw];
           const float* y = yr + pw.dst_off * Yv.st[4];
           const i64 ws = Aw.s * Yv.st[4];
@@ -1649,24 +1699,56 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
     (void)nph_d;
   }
   const brgemm_t brg = blas().brgemm;
-  // Item tiles: c_out rows x c_in columns, as large as still leaves 2 items per thread.
-  const int nthreads = at::get_num_threads();
+  // Item tiles: c_out rows x c_in columns, no narrower than 32 (brgemm runs at half speed on
+  // 16-wide tiles); when that leaves fewer than kItems tiles, the batch is split into a fixed
+  // number of ranges whose partial sums are added in a fixed order afterwards (deterministic,
+  // and independent of the thread count).
+  constexpr i64 kItems = 8;
   i64 MB = 64, NB = std::min<i64>(Cin_g, 128);
-  while (groups * ceil_div(Cout_g, MB) * ceil_div(Cin_g, NB) < 2 * nthreads && (MB > 16 || NB > 16)) {
-    if (NB >= MB && NB > 16) NB /= 2;
+  while (groups * ceil_div(Cout_g, MB) * ceil_div(Cin_g, NB) < kItems && (MB > 32 || NB > 32)) {
+    if (NB >= MB && NB > 32) NB /= 2;
     else MB /= 2;
   }
   const i64 KB = env_int("KSTCONV_WGRAD_KB", 256);  // pixels per reduction step
   const i64 nmb = ceil_div(Cout_g, MB), nnb = ceil_div(Cin_g, NB);
+  const i64 tiles = groups * nmb * nnb;
+  const i64 nsplit = std::max<i64>(1, std::min<i64>(N, ceil_div(kItems, tiles)));
   const i64 KKt = kk[0] * kk[1] * kk[2], ci_stride = Cout_g * KKt;
-  // Items own whole (c_in, c_out) rows of dW (all phases), so each row is written once.
-  at::parallel_for(0, groups * nmb * nnb, 1, [&](i64 b0, i64 b1) {
-    std::vector<float> acc;   // [kernel tap][c_out][c_in] of the item
+  const i64 tile_elems = KKt * MB * NB;
+  // partial sums of split > 0 wait here; split 0 of every tile writes dW directly at the end
+  std::vector<float> part(nsplit > 1 ? tiles * nsplit * tile_elems : 0);
+  auto tile_of = [&](i64 t, i64& g, i64& co0, i64& mco, i64& ci0, i64& nci) {
+    g = t / (nmb * nnb);
+    const i64 mb = (t / nnb) % nmb, nb = t % nnb;
+    co0 = mb * MB, mco = std::min(MB, Cout_g - co0);
+    ci0 = nb * NB, nci = std::min(NB, Cin_g - ci0);
+  };
+  // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]: whole rows of KK taps at a time
+  auto write_tile = [&](i64 t, const float* acc) {
+    i64 g, co0, mco, ci0, nci;
+    tile_of(t, g, co0, mco, ci0, nci);
+    for (i64 ci = 0; ci < nci; ++ci)
+      for (i64 co = 0; co < mco; ++co) {
+        float* o = out + (g * Cin_g + ci0 + ci) * ci_stride + (co0 + co) * KKt;
+        const float* a = acc + co * nci + ci;
+        for (i64 j = 0; j < KKt; ++j) o[j] = a[j * mco * nci];
+      }
+  };
+  at::parallel_for(0, tiles * nsplit, 1, [&](i64 b0, i64 b1) {
+    std::vector<float> own;   // [kernel tap][c_out][c_in] of the item
     for (i64 it = b0; it < b1; ++it) {
-      const i64 g = it / (nmb * nnb), mb = (it / nnb) % nmb, nb = it % nnb;
-      const i64 co0 = mb * MB, mco = std::min(MB, Cout_g - co0);
-      const i64 ci0 = nb * NB, nci = std::min(NB, Cin_g - ci0);
-      acc.assign(KKt * mco * nci, 0.f);
+      const i64 t = it / nsplit, sp = it % nsplit;
+      i64 g, co0, mco, ci0, nci;
+      tile_of(t, g, co0, mco, ci0, nci);
+      const i64 n0 = N * sp / nsplit, n1 = N * (sp + 1) / nsplit;
+      float* acc;
+      if (nsplit > 1) {
+        acc = part.data() + it * tile_elems;
+      } else {
+        own.resize(tile_elems);
+        acc = own.data();
+      }
+      std::fill(acc, acc + KKt * mco * nci, 0.f);
       for (i64 p = 0; p < P.P; ++p) {
         i64 c3[3];
         P.phase_coords(p, c3);
@@ -1676,16 +1758,16 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
         // The plane is reduced in chunks of KB consecutive pixels (rows are contiguous in both
         // operands, so any range is one strided matrix); each tap takes the part of the chunk
         // whose rows meet real input rows.
-        for (i64 n = 0; n < N; ++n)
+        for (i64 n = n0; n < n1; ++n)
           for (i64 qd = 0; qd < pd.Q; ++qd)
             for (i64 k0 = 0; k0 < plane; k0 += KB) {
               const i64 k1 = std::min(plane, k0 + KB);
-              const float* A0 = ds.data() + doff[p] +
+              const float* A0 = ds.get() + doff[p] +
                                 ((n * Cout + g * Cout_g + co0) * pd.Q + qd) * plane;
               for (i64 td = 0; td < pd.T(); ++td) {
                 const i64 sd = qd + pd.soff[td];
                 if (sd < 0 || sd >= D) continue;
-                const float* Xplane = xs.data() + ((n * D + sd) * Hx) * Wc * Cin + g * Cin_g + ci0;
+                const float* Xplane = xs.get() + ((n * D + sd) * Hx) * Wc * Cin + g * Cin_g + ci0;
                 for (i64 th = 0; th < ph.T(); ++th) {
                   // rows qh with 0 <= qh + offset < H
                   const i64 a = std::max(k0, std::max<i64>(0, -ph.soff[th]) * Wc);
@@ -1695,21 +1777,26 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
                     const i64 j = (pd.widx[td] * kk[1] + ph.widx[th]) * kk[2] + pw.widx[tw];
                     const float* B = Xplane + (a + ph.soff[th] * Wc + pw.soff[tw] + padL) * Cin;
                     brg(mco, nci, b - a, pd.Q * plane, Cin, nci, true, A0 + a, B,
-                        acc.data() + j * mco * nci, false);
+                        acc + j * mco * nci, false);
                   }
                 }
               }
             }
       }
-      // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]: whole rows of KK taps at a time
-      for (i64 ci = 0; ci < nci; ++ci)
-        for (i64 co = 0; co < mco; ++co) {
-          float* o = out + (g * Cin_g + ci0 + ci) * ci_stride + (co0 + co) * KKt;
-          const float* a = acc.data() + co * nci + ci;
-          for (i64 j = 0; j < KKt; ++j) o[j] = a[j * mco * nci];
-        }
+      if (nsplit == 1) write_tile(t, acc);
     }
   });
+  if (nsplit > 1)
+    at::parallel_for(0, tiles, 1, [&](i64 t0, i64 t1) {
+      for (i64 t = t0; t < t1; ++t) {
+        float* sum = part.data() + t * nsplit * tile_elems;
+        for (i64 sp = 1; sp < nsplit; ++sp) {  // fixed order: split 0, 1, 2, ...
+          const float* a = sum + sp * tile_elems;
+          for (i64 e = 0; e < tile_elems; ++e) sum[e] += a[e];
+        }
+        write_tile(t, sum);
+      }
+    });
 }
 
 // --------------------------------------------------------------------------- choosing the order
