@@ -106,9 +106,10 @@ def test_wide_rows_all_passes(case, batch):
     y.backward(g)
     k = reduction_length(case["c_in"], 1, case["kernel"], case["stride"])
     for method in (3, 4, 5):
-        out, _ = cpp_engine.forward(x.to(dtype), w.to(dtype), b.to(dtype), geom,
-                                    parse_activation(None), False, method=method)
-        assert_close(out, y.detach(), dtype, k)
+        out, pre = cpp_engine.forward(x.to(dtype), w.to(dtype), b.to(dtype), geom,
+                                      parse_activation(("leaky_relu", 0.1)), True, method=method)
+        assert_close(pre, y.detach(), dtype, k)
+        assert_close(out, torch.nn.functional.leaky_relu(y.detach(), 0.1), dtype, k)
     dx = cpp_engine.grad_input(g.to(dtype), w.to(dtype), geom, method=3)
     assert_close(dx, xr.grad, dtype, reduction_length(case["c_out"], 1, case["kernel"], (1, 1)))
     dw = cpp_engine.grad_weight(x.to(dtype), g.to(dtype), w.shape, geom, dtype, method=3)

@@ -1049,12 +1049,35 @@ void store_tile(const float* acc, i64 sm, i64 sc, i64 mt, i64 Cg, const View5<fl
     y[m * ys + c * Y.st[1]] = act_fn<float, ACT>(v, slope);
     if (pr) pr[m * ps + c * Pre.st[1]] = v;
   };
-  if (Y.st[1] == 1)  // channels-last destination: channels innermost
+  if (Y.st[1] == 1) {  // channels-last destination: channels innermost
     for (i64 m = 0; m < mt; ++m)
       for (i64 c = 0; c < Cg; ++c) one(m, c);
-  else
-    for (i64 c = 0; c < Cg; ++c)
-      for (i64 m = 0; m < mt; ++m) one(m, c);
+    return;
+  }
+  i64 c8 = 0, m8 = 0;
+  if (acc && sc == 1 && have_avx2()) {
+    // pixel-major tile into a channel-major destination: 8 x 8 blocks through registers, so
+    // that each channel's run of pixels is written in one sweep
+    c8 = Cg / 8 * 8;
+    m8 = mt / 8 * 8;
+    alignas(32) float t[64];
+    for (i64 c = 0; c < c8; c += 8)
+      for (i64 m = 0; m < m8; m += 8) {
+        transpose8x8(acc + m * sm + c, sm, t, 8);  // t[cc][mm]
+        for (i64 cc = 0; cc < 8; ++cc) {
+          const float b = bias ? bias[cbase + c + cc] : 0.f;
+          float* yc = y + (c + cc) * Y.st[1] + m * ys;
+          float* pc = pr ? pr + (c + cc) * Pre.st[1] + m * ps : nullptr;
+          for (i64 mm = 0; mm < 8; ++mm) {
+            const float v = t[cc * 8 + mm] + b;
+            yc[mm * ys] = act_fn<float, ACT>(v, slope);
+            if (pc) pc[mm * ps] = v;
+          }
+        }
+      }
+  }
+  for (i64 c = 0; c < Cg; ++c)
+    for (i64 m = (c < c8 ? m8 : 0); m < mt; ++m) one(m, c);
 }
 
 void conv_implicit_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Tensor& bias,
