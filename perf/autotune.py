@@ -116,7 +116,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--kinds", nargs="*", default=["fwd", "dgrad", "wgrad"])
     ap.add_argument("--max-configs", type=int, default=None)
-    ap.add_argument("--out", default=None, help="table path (default triton_kstconv/tuned/<gpu>.json)")
+    ap.add_argument("--out", default=None,
+                    help="table path (default triton_kstconv/tuned/<gpu>.json)")
     ap.add_argument("--smoke", action="store_true",
                     help="two tiny configs on one tiny layer in the Triton interpreter (CPU)")
     args = ap.parse_args(argv)

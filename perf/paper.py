@@ -346,7 +346,8 @@ def run_dcgan(steps: int = 6, batch: int = 16):
     print("| model | s / step (median) | final loss G | final loss D |")
     print("|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['median_step_s']:.3f} | {r['loss_g'][-1]:.4f} | {r['loss_d'][-1]:.4f} |")
+        print(f"| {name} | {r['median_step_s']:.3f} | {r['loss_g'][-1]:.4f} | "
+              f"{r['loss_d'][-1]:.4f} |")
     print(f"max |loss difference| over the steps: G {dg:.2e}, D {dd:.2e}")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))

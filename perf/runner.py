@@ -245,7 +245,8 @@ def markdown(results, summary, meta) -> str:
              "", "Times are medians of interleaved rounds, in ms. ×native and ×zero-ins. are "
              "speedups of ours (higher is better); GF/s counts only useful multiply-adds.", ""]
     impls = [n for n in ("ours", "native", "zero_insertion") if n in results[0]["ms"]]
-    head = "| layer | dtype | mode | " + " | ".join(impls) + " | ×native | ×zero-ins. | ours GF/s | % peak |"
+    head = ("| layer | dtype | mode | " + " | ".join(impls)
+            + " | ×native | ×zero-ins. | ours GF/s | % peak |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         cells = [r["key"], r["dtype"], r["mode"]] + [f"{r['ms'][n]:.3f}" for n in impls]

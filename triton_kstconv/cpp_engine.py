@@ -104,7 +104,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
         return dtype
     if dtype in (torch.float16, torch.bfloat16):
         return torch.float32
-    raise ConvArgumentError(f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
+    raise ConvArgumentError(
+        f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: Geometry,
@@ -133,7 +134,8 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry,
     cdt = _compute_dtype(grad.dtype)
     gc, wc = grad.to(cdt), weight.to(cdt)
     shape = (grad.shape[0], weight.shape[0], *geom.in_size)
-    dx = buffers.empty(shape, cdt, grad.device, buffers.output_memory_format(geom.ndim, grad, weight))
+    fmt = buffers.output_memory_format(geom.ndim, grad, weight)
+    dx = buffers.empty(shape, cdt, grad.device, fmt)
     mod.conv(_as5d(gc), _as5d(wc), None, _as5d(dx), None, grad_input_plan(geom), geom.groups,
              True, 0, 0.0, MERGE_TAU, method)
     return dx.to(grad.dtype)

@@ -51,7 +51,8 @@ def parse_activation(activation) -> Activation:
             f"{sorted(k for k in CODES if k)} or None")
     if name == "leaky_relu":
         slope = 0.01 if param is None else param
-        if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not math.isfinite(slope):
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)) \
+                or not math.isfinite(slope):
             raise ConvArgumentError(f"leaky_relu needs a finite negative_slope, got {param!r}")
         return Activation(name, float(slope))
     if param is not None:

@@ -27,7 +27,8 @@ def zero_insert(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
 def conv_transpose_zero_insertion(x: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor | None = None, stride=1, padding=0,
                                   output_padding=0, groups=1, dilation=1) -> torch.Tensor:
-    """Same semantics as ``F.conv_transpose{1,2,3}d`` (batched input), computed by zero insertion."""
+    """Same semantics as ``F.conv_transpose{1,2,3}d`` (batched input), computed by zero
+    insertion."""
     nd = weight.dim() - 2
     params: ConvParams = normalize_params(nd, stride, padding, output_padding, groups, dilation)
     geom = make_geometry(params, x.shape[2:], weight.shape[2:])

@@ -171,21 +171,22 @@ def heuristic_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype) -> di
 
 
 def config_space(kind: str):
-    """The autotune space (pruned per problem by _prune)."""
+    """The autotune space (pruned per problem by _prune): tile shapes, pipeline depth and tile
+    order; the warp count follows the tile size (4 up to 64 x 128, else 8)."""
     import triton
     out = []
     for bm in (64, 128, 256) if kind != "wgrad" else (32, 64, 128):
         for bn in (32, 64, 128, 256):
+            if bm * bn > 128 * 256:
+                continue
+            warps = 4 if bm * bn <= 64 * 128 else 8
             for bk in (32, 64):
-                for warps in (4, 8):
-                    for stages in (2, 3, 4):
-                        if bm * bn > 128 * 256 or (bm * bn >= 128 * 128 and warps == 4):
-                            continue
-                        for group_m in ((1, 8) if kind != "wgrad" else (None,)):
-                            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                            if group_m is not None:
-                                meta["GROUP_M"] = group_m
-                            out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+                for stages in (3, 4):
+                    for group_m in ((1, 8) if kind != "wgrad" else (None,)):
+                        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                        if group_m is not None:
+                            meta["GROUP_M"] = group_m
+                        out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -193,15 +194,21 @@ def _prune(kind):
     def prune(configs, named_args, **kwargs):
         c_src = named_args.get("C_src_g", named_args.get("C_in_g", 1))
         c_dst = named_args.get("C_dst_g", named_args.get("C_out_g", 1))
+        x = named_args.get("X")
+        four_byte = getattr(x, "element_size", lambda: 2)() >= 4
         keep = []
         for c in configs:
             k = c.kwargs
+            if four_byte and k["BLOCK_K"] > 32:   # fp32/tf32 tiles: K = 32 fills the smem
+                continue
             if kind == "wgrad":
                 if k["BLOCK_M"] > 2 * max(16, _next_pow2(c_dst)):
                     continue
             elif k["BLOCK_N"] > 2 * max(16, _next_pow2(c_dst)) or \
                     k["BLOCK_K"] > 2 * max(16, _next_pow2(c_src)):
                 continue
+            elif k["GROUP_M"] == 1 and c_dst <= k["BLOCK_N"]:
+                continue   # one column of tiles: the tile order makes no difference
             keep.append(c)
         return keep or configs[:1]
     return prune

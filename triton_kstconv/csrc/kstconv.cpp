@@ -774,9 +774,10 @@ at::Tensor to_channels_last(const at::Tensor& t, i64 pad_lo = 0, i64 pad_hi = 0)
   View5<const T> X(t);
   T* o = out.data_ptr<T>();
   // items: (n, d, block of RB rows); an item walks 8 channels at a time through all of its
-  // rows, so that each channel plane is read in long contiguous runs
+  // rows, so that each channel plane is read in longer contiguous runs, while the rows it
+  // writes stay within about 32 KiB (wide rows of many channels: one row per item)
   const int nthreads = at::get_num_threads();
-  i64 RB = std::min<i64>(H, std::max<i64>(1, ceil_div(2048, std::max<i64>(W, 1))));
+  i64 RB = std::min<i64>(H, std::max<i64>(1, (i64(32) << 10) / std::max<i64>(1, Wp * C * i64(sizeof(T)))));
   while (RB > 1 && N * D * ceil_div(H, RB) < 4 * nthreads) RB = ceil_div(RB, 2);
   const i64 nrb = ceil_div(H, RB);
   bool fast = false;
