@@ -46,6 +46,17 @@ def _activation(v, slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _phase_row(PH, phase):
+    """One phase's row of the phase table (see PHASE_FIELDS)."""
+    ph = PH + phase * 14
+    return (tl.load(ph + 0), tl.load(ph + 1), tl.load(ph + 2),        # Qd Qh Qw
+            tl.load(ph + 3), tl.load(ph + 4), tl.load(ph + 5),        # Td Th Tw
+            tl.load(ph + 6), tl.load(ph + 7), tl.load(ph + 8),        # OFFd OFFh OFFw
+            tl.load(ph + 9), tl.load(ph + 10), tl.load(ph + 11),      # Rd Rh Rw
+            tl.load(ph + 12).to(tl.int64), tl.load(ph + 13))          # WOFF KP
+
+
+@triton.jit
 def conv_phase_kernel(
     X, W, B, Y, PRE, PH,
     N, C_src_g, C_dst_g,
@@ -77,21 +88,7 @@ def conv_phase_kernel(
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
 
-    ph = PH + phase * 14
-    Qd = tl.load(ph + 0)
-    Qh = tl.load(ph + 1)
-    Qw = tl.load(ph + 2)
-    Td = tl.load(ph + 3)
-    Th = tl.load(ph + 4)
-    Tw = tl.load(ph + 5)
-    OFFd = tl.load(ph + 6)
-    OFFh = tl.load(ph + 7)
-    OFFw = tl.load(ph + 8)
-    Rd = tl.load(ph + 9)
-    Rh = tl.load(ph + 10)
-    Rw = tl.load(ph + 11)
-    WOFF = tl.load(ph + 12).to(tl.int64)
-    KP = tl.load(ph + 13)
+    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF, KP = _phase_row(PH, phase)
     M = N * Qd * Qh * Qw
     if pid_m * BLOCK_M >= M:
         return
@@ -181,20 +178,7 @@ def wgrad_phase_kernel(
     gs = tl.program_id(2)
     g = gs // num_splits
     split = gs % num_splits
-    ph = PH + phase * 14
-    Qd = tl.load(ph + 0)
-    Qh = tl.load(ph + 1)
-    Qw = tl.load(ph + 2)
-    Th = tl.load(ph + 4)
-    Tw = tl.load(ph + 5)
-    OFFd = tl.load(ph + 6)
-    OFFh = tl.load(ph + 7)
-    OFFw = tl.load(ph + 8)
-    Rd = tl.load(ph + 9)
-    Rh = tl.load(ph + 10)
-    Rw = tl.load(ph + 11)
-    WOFF = tl.load(ph + 12).to(tl.int64)
-    KP = tl.load(ph + 13)
+    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF, KP = _phase_row(PH, phase)
     num_n = tl.cdiv(KP, BLOCK_N)
     pid_m = pid // tl.maximum(num_n, 1)
     pid_n = pid % tl.maximum(num_n, 1)
