@@ -114,3 +114,85 @@ def test_wide_rows_all_passes(case, batch):
     assert_close(dx, xr.grad, dtype, reduction_length(case["c_out"], 1, case["kernel"], (1, 1)))
     dw = cpp_engine.grad_weight(x.to(dtype), g.to(dtype), w.shape, geom, dtype, method=3)
     assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())
+
+
+# The joint backward (grad_input, grad_weight, grad_bias in one pass over grad_out), forced on
+# for every geometry; each subset of outputs, both memory layouts, batch splits mid-image.
+NEEDS = {"all": (True, True, True), "dx": (True, False, False), "dw_db": (False, True, True)}
+
+
+def _joint_case(c, batch, size, channels_last):
+    x, w, b = make_case(c.nd, batch, c.c_in, c.c_out, c.groups, size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, True, torch.float64)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = reference(xr, wr, br, c.nd, **c.conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xf, gf = x.float(), g.float()
+    if channels_last:
+        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[c.nd]
+        xf, gf = xf.contiguous(memory_format=fmt), gf.contiguous(memory_format=fmt)
+    return xf, w.float(), gf, (xr.grad, wr.grad, br.grad), y
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("need", list(NEEDS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_joint_backward(name, need, batch, monkeypatch):
+    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    c = BY_NAME[name]
+    xf, wf, gf, refs, y = _joint_case(c, batch, c.size, False)
+    got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), *NEEDS[need])
+    assert got is not None, "the joint backward refused a float32 layer"
+    ks = (reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd), 2 * batch * y[0, 0].numel(),
+          batch * y[0, 0].numel())
+    for out, ref, k, wanted in zip(got, refs, ks, NEEDS[need]):
+        if wanted:
+            assert_close(out, ref, torch.float32, k)
+        else:
+            assert out is None
+
+
+@pytest.mark.parametrize("case", WIDE, ids=["k4s2", "k35s12", "k3s3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_joint_backward_wide_rows(case, channels_last, monkeypatch):
+    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    from types import SimpleNamespace
+    c = SimpleNamespace(nd=2, groups=1, output_padding=(0, 0), dilation=(1, 1), **case)
+    c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
+                  dilation=(1, 1))
+    xf, wf, gf, refs, y = _joint_case(c, 5, c.size, channels_last)
+    geom = geometry_of(c.size, c.kernel, c.stride, c.padding, (0, 0), 1, (1, 1))
+    dx, dw, db = cpp_engine.joint_backward(gf, xf, wf, geom, True, True, True)
+    assert_close(dx, refs[0], torch.float32, reduction_length(c.c_out, 1, c.kernel, (1, 1)))
+    assert_close(dw, refs[1], torch.float32, 2 * 5 * y[0, 0].numel())
+    assert_close(db, refs[2], torch.float32, 5 * y[0, 0].numel())
+    if channels_last:
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_joint_backward_independent_of_threads(monkeypatch):
+    """Fixed row ranges with their own accumulators: bitwise the same result on 1 or 2 threads."""
+    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 5, c.size, False)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_joint_backward_off_and_refusals(monkeypatch):
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
+    monkeypatch.setenv("KSTCONV_JOINT", "0")
+    assert cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True) is None
+    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    assert cpp_engine.joint_backward(gf.double(), xf.double(), wf.double(), _geom(c),
+                                     True, True, True) is None

@@ -149,3 +149,36 @@ def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometr
     mod.grad_weight(_as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
                     grad_input_plan(geom), geom.groups, MERGE_TAU, method)
     return dw.to(dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _joint_geo(geom: Geometry) -> list[int]:
+    """Per axis (d, h, w; unit axes first for 1D/2D): L_in, L_out, k, s, p, dil."""
+    flat = [1, 1, 1, 1, 0, 1] * (3 - geom.ndim)
+    for ax in range(geom.ndim):
+        flat += [geom.in_size[ax], geom.out_size[ax], geom.kernel[ax], geom.stride[ax],
+                 geom.padding[ax], geom.dilation[ax]]
+    return flat
+
+
+def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: Geometry,
+                   need_dx: bool, need_dw: bool, need_db: bool):
+    """grad_input, grad_weight and grad_bias (None where not needed) in one pass over grad_out,
+    or None where the engine's joint path does not serve the layer (the caller then runs the
+    separate passes)."""
+    if grad.dtype != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    mod = load()
+    dx = dw = db = None
+    if need_dx:
+        fmt = buffers.output_memory_format(geom.ndim, grad, weight)
+        dx = buffers.empty((x.shape[0], weight.shape[0], *geom.in_size), grad.dtype, grad.device,
+                           fmt)
+    if need_dw:
+        dw = buffers.empty(tuple(weight.shape), weight.dtype, weight.device)
+    if need_db:
+        db = buffers.empty((grad.shape[1],), grad.dtype, grad.device)
+    ok = mod.joint_backward(_as5d(x), _as5d(grad), _as5d(weight),
+                            None if dx is None else _as5d(dx), None if dw is None else _as5d(dw),
+                            db, _joint_geo(geom), geom.groups)
+    return (dx, dw, db) if ok else None

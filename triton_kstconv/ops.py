@@ -97,6 +97,15 @@ def _backward(ctx, grad_out, grad_pre, differentiable: bool):
     if grad_pre is not None and grad_pre.numel():
         grad = grad + grad_pre
     dx = dw = db = None
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2])
+    joint = getattr(engine(ctx.backend), "joint_backward", None)
+    if not differentiable and joint is not None and (need[0] or need[1]):
+        # one pass over grad_out for all three, where the engine has one for this layer
+        geom = geometry_of(ctx.in_size, ctx.weight_size[2:], *ctx.conv)
+        got = joint(grad, x, weight, geom, *need)
+        if got is not None:
+            return got
     if ctx.needs_input_grad[0]:
         dx = conv_transpose_grad_input(grad, weight, ctx.in_size, *ctx.conv, ctx.backend) \
             if differentiable else _grad_input_impl(grad, weight, ctx.in_size, ctx.conv,

@@ -1823,6 +1823,244 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
     });
 }
 
+// --------------------------------------------------------------------------- joint backward
+// grad_input, grad_weight and grad_bias in one pass over grad_out, with no channels-last copy of
+// it in memory. Work runs over input rows (n, id, ih). Input row i reads, for kernel taps (kd, kh),
+// grad_out rows o = s*i - p + k*dil; those rows are transposed to channels-last (zero columns on
+// both sides of w) into a small per-thread cache of rows, where consecutive input rows find the
+// ones they share. From the cached rows, along w (taps kw, input pixels iw):
+//   grad_input:  dX[iw, ci]  += G[s*iw - p + kw*dil, co] x Wd[kd, kh][(kw, co), ci]
+//                (A read in place at lda = s * C_out; with dil_w = 1 and one group the kw taps of a
+//                pixel are one contiguous run, a single reduction of kw * C_out)
+//   grad_weight: dW[kd, kh][ci, (kw, co)] += X[ci, iw] x G[s*iw - p + kw*dil, co]
+//                (X read in place: its rows of w are contiguous; the reduction runs over the row)
+//   grad_bias:   each grad_out row is summed once, by the input row that "owns" it (od in
+//                [s*id, s*id + s), the last input row owning the tail), from the cache when it is
+//                there, else from grad_out itself.
+// Determinism: the input rows are cut into a fixed number of ranges (independent of the thread
+// count), each with its own dW / db accumulators, added in range order at the end.
+// geo: per axis (d, h, w) L_in, L_out, k, s, p, dil.
+struct JointGeo {
+  i64 L[3], Lo[3], k[3], s[3], p[3], dil[3];
+  explicit JointGeo(const std::vector<i64>& g) {
+    TORCH_CHECK(g.size() == 18, "kstconv: joint backward geometry needs 18 entries");
+    for (int d = 0; d < 3; ++d) {
+      L[d] = g[6 * d]; Lo[d] = g[6 * d + 1]; k[d] = g[6 * d + 2];
+      s[d] = g[6 * d + 3]; p[d] = g[6 * d + 4]; dil[d] = g[6 * d + 5];
+    }
+  }
+  i64 padlo() const { return std::max<i64>(0, p[2]); }
+  i64 padhi() const {
+    return std::max<i64>(0, s[2] * (L[2] - 1) + (k[2] - 1) * dil[2] - p[2] - (Lo[2] - 1));
+  }
+  i64 row_width() const { return padlo() + Lo[2] + padhi(); }
+  // cached rows: every (od, oh) of one input row maps to its own slot, and the rows that the
+  // next input row along h shares stay put
+  i64 slots_d() const { return (k[0] - 1) * dil[0] + 1; }
+  i64 slots_h() const { return (k[1] - 1) * dil[1] + 1 + s[1]; }
+};
+
+// Fixed number of row ranges (accumulator sets) of the joint backward.
+constexpr i64 kJointSplits = 16;
+
+// Whether the joint backward can run (f32 with brgemm, a row cache and per-range weight
+// accumulators of bounded size) and, unless `any`, whether it should: pixel-heavy layers with
+// enough channels and pixels per row for the tiles.
+bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
+                         const at::Tensor& weight, i64 groups, bool any) {
+  if (x.scalar_type() != at::kFloat || !blas().brgemm) return false;
+  if (x.numel() == 0 || dy.numel() == 0 || weight.numel() == 0) return false;
+  const i64 Cout = dy.size(1), Cin_g = x.size(1) / groups, Cout_g = Cout / groups;
+  const i64 cache = G.slots_d() * G.slots_h() * G.row_width() * Cout * 4;
+  const i64 wbytes = weight.numel() * 4;
+  if (cache > (i64(1) << 20) || wbytes * kJointSplits > (i64(64) << 20)) return false;
+  if (any) return true;
+  return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
+         wbytes <= (i64(512) << 10) && weight.numel() * 4 <= x.numel();
+}
+
+void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at::Tensor& weight,
+                         at::Tensor& dx, at::Tensor& dw, at::Tensor& db, const JointGeo& G,
+                         i64 groups) {
+  const bool want_dx = dx.defined(), want_dw = dw.defined(), want_db = db.defined();
+  const i64 N = x_in.size(0), Cin = x_in.size(1), Cout = dy.size(1);
+  const i64 Cin_g = Cin / groups, Cout_g = Cout / groups;
+  const i64 D = G.L[0], H = G.L[1], W = G.L[2], Do = G.Lo[0], Ho = G.Lo[1], Wo = G.Lo[2];
+  const i64 KD = G.k[0], KH = G.k[1], KW = G.k[2];
+  const i64 padlo = G.padlo(), Wp = G.row_width(), RD = G.slots_d(), RH = G.slots_h();
+  const i64 row_elems = Wp * Cout;
+  // grad_weight reads rows of x along w in place
+  const at::Tensor x = (want_dw && x_in.stride(4) != 1) ? x_in.contiguous() : x_in;
+  View5<const float> X(x), Y(dy);
+  View5<float> DX(dx);
+  // one reduction over the kw taps of a pixel when they are adjacent in the cached row
+  const bool merge_kw = G.dil[2] == 1 && groups == 1;
+  // Wd[g][kd][kh][kw][co][ci] for grad_input (B operand, ci contiguous)
+  std::vector<float> wd;
+  if (want_dx) {
+    wd.resize(weight.numel());
+    View5<const float> Wv(weight);
+    for (i64 g = 0; g < groups; ++g)
+      for (i64 kd = 0; kd < KD; ++kd)
+        for (i64 kh = 0; kh < KH; ++kh)
+          for (i64 kw = 0; kw < KW; ++kw)
+            for (i64 co = 0; co < Cout_g; ++co) {
+              float* o = wd.data() + ((((g * KD + kd) * KH + kh) * KW + kw) * Cout_g + co) * Cin_g;
+              const float* w = Wv.p + (g * Cin_g) * Wv.st[0] + co * Wv.st[1] + kd * Wv.st[2] +
+                               kh * Wv.st[3] + kw * Wv.st[4];
+              for (i64 ci = 0; ci < Cin_g; ++ci) o[ci] = w[ci * Wv.st[0]];
+            }
+  }
+  const i64 rows = N * D * H;
+  const i64 S = std::min<i64>(rows, kJointSplits);
+  const i64 dw_elems = groups * KD * KH * Cin_g * KW * Cout_g;  // [g][kd][kh][ci][kw][co]
+  std::vector<float> dwacc(want_dw ? S * dw_elems : 0, 0.f);
+  std::vector<float> dbacc(want_db ? S * Cout : 0, 0.f);
+  const brgemm_t brg = blas().brgemm;
+  const i64 MT = std::max<i64>(8, std::min<i64>(64, (i64(8) << 10) / Cin_g));
+  const bool fast_t = Y.st[4] == 1 && have_avx2();
+
+  at::parallel_for(0, S, 1, [&](i64 sp0, i64 sp1) {
+    std::vector<float> cache(RD * RH * row_elems);
+    std::vector<i64> tag(RD * RH);
+    std::vector<float> acc(MT * Cin_g);
+    for (i64 sp = sp0; sp < sp1; ++sp) {
+      std::fill(tag.begin(), tag.end(), i64(-1));
+      float* dwa = want_dw ? dwacc.data() + sp * dw_elems : nullptr;
+      float* dba = want_db ? dbacc.data() + sp * Cout : nullptr;
+      // the cached channels-last row of grad_out (n, od, oh), transposed on a miss
+      auto row_of = [&](i64 n, i64 od, i64 oh) -> const float* {
+        const i64 slot = (od % RD) * RH + (oh % RH), id = (n * Do + od) * Ho + oh;
+        float* r = cache.data() + slot * row_elems;
+        if (tag[slot] == id) return r;
+        tag[slot] = id;
+        std::fill(r, r + padlo * Cout, 0.f);
+        std::fill(r + (padlo + Wo) * Cout, r + row_elems, 0.f);
+        const float* y = Y.p + n * Y.st[0] + od * Y.st[2] + oh * Y.st[3];
+        float* o = r + padlo * Cout;
+        i64 c8 = 0, w8 = 0;
+        if (fast_t) {
+          c8 = Cout / 8 * 8;
+          w8 = Wo / 8 * 8;
+          for (i64 c = 0; c < c8; c += 8)
+            for (i64 w = 0; w < w8; w += 8)
+              transpose8x8(y + c * Y.st[1] + w, Y.st[1], o + w * Cout + c, Cout);
+        }
+        for (i64 w = 0; w < Wo; ++w)
+          for (i64 c = (w < w8 ? c8 : 0); c < Cout; ++c)
+            o[w * Cout + c] = y[c * Y.st[1] + w * Y.st[4]];
+        return r;
+      };
+      const i64 r0 = rows * sp / S, r1 = rows * (sp + 1) / S;
+      std::vector<const float*> rp(KD * KH);
+      for (i64 rr = r0; rr < r1; ++rr) {
+        const i64 ih = rr % H, id = (rr / H) % D, n = rr / (H * D);
+        bool any = false;
+        for (i64 kd = 0; kd < KD; ++kd) {
+          const i64 od = G.s[0] * id - G.p[0] + kd * G.dil[0];
+          for (i64 kh = 0; kh < KH; ++kh) {
+            const i64 oh = G.s[1] * ih - G.p[1] + kh * G.dil[1];
+            const bool ok = od >= 0 && od < Do && oh >= 0 && oh < Ho;
+            rp[kd * KH + kh] = ok ? row_of(n, od, oh) : nullptr;
+            any = any || ok;
+          }
+        }
+        if (want_db) {  // the grad_out rows this input row owns
+          const i64 d0 = G.s[0] * id, d1 = id == D - 1 ? Do : std::min(Do, d0 + G.s[0]);
+          const i64 h0 = G.s[1] * ih, h1 = ih == H - 1 ? Ho : std::min(Ho, h0 + G.s[1]);
+          for (i64 od = d0; od < d1; ++od)
+            for (i64 oh = h0; oh < h1; ++oh) {
+              const i64 slot = (od % RD) * RH + (oh % RH);
+              if (tag[slot] == (n * Do + od) * Ho + oh) {
+                const float* r = cache.data() + slot * row_elems + padlo * Cout;
+                for (i64 w = 0; w < Wo; ++w)
+                  for (i64 c = 0; c < Cout; ++c) dba[c] += r[w * Cout + c];
+              } else {
+                const float* y = Y.p + n * Y.st[0] + od * Y.st[2] + oh * Y.st[3];
+                for (i64 c = 0; c < Cout; ++c) {
+                  float sum = 0.f;
+                  for (i64 w = 0; w < Wo; ++w) sum += y[c * Y.st[1] + w * Y.st[4]];
+                  dba[c] += sum;
+                }
+              }
+            }
+        }
+        for (i64 g = 0; g < groups; ++g) {
+          if (want_dw && any) {
+            const float* A = X.p + n * X.st[0] + g * Cin_g * X.st[1] + id * X.st[2] + ih * X.st[3];
+            for (i64 kd = 0; kd < KD; ++kd)
+              for (i64 kh = 0; kh < KH; ++kh) {
+                const float* r = rp[kd * KH + kh];
+                if (!r) continue;
+                float* C = dwa + ((g * KD + kd) * KH + kh) * Cin_g * KW * Cout_g;
+                const float* B = r + (padlo - G.p[2]) * Cout + g * Cout_g;
+                if (merge_kw)
+                  brg(Cin_g, KW * Cout_g, W, X.st[1], G.s[2] * Cout, KW * Cout_g, true, A, B, C,
+                      false);
+                else
+                  for (i64 kw = 0; kw < KW; ++kw)
+                    brg(Cin_g, Cout_g, W, X.st[1], G.s[2] * Cout, KW * Cout_g, true, A,
+                        B + kw * G.dil[2] * Cout, C + kw * Cout_g, false);
+              }
+          }
+          if (!want_dx) continue;
+          for (i64 iw0 = 0; iw0 < W; iw0 += MT) {
+            const i64 mt = std::min(MT, W - iw0);
+            bool first = true;
+            for (i64 kd = 0; kd < KD; ++kd)
+              for (i64 kh = 0; kh < KH; ++kh) {
+                const float* r = rp[kd * KH + kh];
+                if (!r) continue;
+                const float* A = r + (G.s[2] * iw0 - G.p[2] + padlo) * Cout + g * Cout_g;
+                const float* B = wd.data() + ((g * KD + kd) * KH + kh) * KW * Cout_g * Cin_g;
+                if (merge_kw) {
+                  brg(mt, Cin_g, KW * Cout_g, G.s[2] * Cout, Cin_g, Cin_g, !first, A, B,
+                      acc.data(), false);
+                  first = false;
+                } else {
+                  for (i64 kw = 0; kw < KW; ++kw) {
+                    brg(mt, Cin_g, Cout_g, G.s[2] * Cout, Cin_g, Cin_g, !first,
+                        A + kw * G.dil[2] * Cout, B + kw * Cout_g * Cin_g, acc.data(), false);
+                    first = false;
+                  }
+                }
+              }
+            store_tile<NONE>(first ? nullptr : acc.data(), Cin_g, 1, mt, Cin_g, DX, View5<float>(at::Tensor()),
+                             nullptr, n, g * Cin_g, id, ih, iw0, 1, 0.f);
+          }
+        }
+      }
+    }
+  });
+  // the ranges' partial sums, in range order
+  if (want_dw) {
+    View5<float> DW(dw);
+    at::parallel_for(0, groups * Cin_g, 1, [&](i64 b0, i64 b1) {
+      for (i64 gc = b0; gc < b1; ++gc) {
+        const i64 g = gc / Cin_g, ci = gc % Cin_g;
+        for (i64 kd = 0; kd < KD; ++kd)
+          for (i64 kh = 0; kh < KH; ++kh)
+            for (i64 kw = 0; kw < KW; ++kw)
+              for (i64 co = 0; co < Cout_g; ++co) {
+                const i64 e = ((((g * KD + kd) * KH + kh) * Cin_g + ci) * KW + kw) * Cout_g + co;
+                float sum = 0.f;
+                for (i64 sp = 0; sp < S; ++sp) sum += dwacc[sp * dw_elems + e];
+                DW.p[(g * Cin_g + ci) * DW.st[0] + co * DW.st[1] + kd * DW.st[2] + kh * DW.st[3] +
+                     kw * DW.st[4]] = sum;
+              }
+      }
+    });
+  }
+  if (want_db) {
+    float* o = db.data_ptr<float>();
+    for (i64 c = 0; c < Cout; ++c) {
+      float sum = 0.f;
+      for (i64 sp = 0; sp < S; ++sp) sum += dbacc[sp * Cout + c];
+      o[c] = sum;
+    }
+  }
+}
+
 // --------------------------------------------------------------------------- choosing the order
 // Cost, in passes over one element of memory, of the two orders; a multiply-add counts as
 // 1/kFlopsPerPass of a pass. Patch-first (A) writes a patch matrix of the input per phase, which
@@ -1990,6 +2228,24 @@ void grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
   });
 }
 
+// Joint backward (see joint_backward_impl); outputs that are undefined are not computed.
+// Returns false, touching nothing, where the joint path does not serve the layer.
+bool joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                    c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> db, const std::vector<i64>& geo, i64 groups) {
+  check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
+  const JointGeo G(geo);
+  const i64 mode = env_int("KSTCONV_JOINT", -1);  // 0: never, 1: wherever it can run
+  if (mode == 0 || !joint_backward_fits(G, x, dy, weight, groups, mode == 1)) return false;
+  at::Tensor dxt = dx.has_value() ? *dx : at::Tensor(), dwt = dw.has_value() ? *dw : at::Tensor();
+  at::Tensor dbt = db.has_value() ? *db : at::Tensor();
+  if (dxt.defined()) check5(dxt, "grad_input");
+  if (dwt.defined()) check5(dwt, "grad_weight");
+  TORCH_CHECK(!dbt.defined() || dbt.is_contiguous(), "kstconv: grad_bias must be contiguous");
+  joint_backward_impl(x, dy, weight, dxt, dwt, dbt, G, groups);
+  return true;
+}
+
 bool have_blas() { return blas().sgemm != nullptr; }
 
 }  // namespace kst
@@ -1997,5 +2253,6 @@ bool have_blas() { return blas().sgemm != nullptr; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &kst::conv, "gather-GEMM-scatter over a phase plan (forward, grad_input)");
   m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient");
+  m.def("joint_backward", &kst::joint_backward, "grad_input, grad_weight, grad_bias in one pass");
   m.def("have_blas", &kst::have_blas, "whether MKL's sgemm_ was found in libtorch_cpu");
 }
