@@ -1864,8 +1864,8 @@ struct JointGeo {
 constexpr i64 kJointSplits = 16;
 
 // Whether the joint backward can run (f32 with brgemm, a row cache and per-range weight
-// accumulators of bounded size) and, unless `any`, whether it should: pixel-heavy layers with
-// enough channels and pixels per row for the tiles.
+// accumulators of bounded size) and, unless `any`, whether it should (rules read off the suite,
+// perf/results).
 bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
                          const at::Tensor& weight, i64 groups, bool any) {
   if (x.scalar_type() != at::kFloat || !blas().brgemm) return false;
@@ -1875,8 +1875,12 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   const i64 wbytes = weight.numel() * 4;
   if (cache > (i64(1) << 20) || wbytes * kJointSplits > (i64(64) << 20)) return false;
   if (any) return true;
+  // The grad_weight tile of one (kd, kh), [c_in, kw x c_out], is re-read and re-written by every
+  // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
+  // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
+  const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
   return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
-         wbytes <= (i64(512) << 10) && weight.numel() * 4 <= x.numel();
+         tile <= (i64(128) << 10);
 }
 
 void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at::Tensor& weight,
