@@ -90,3 +90,42 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("needs", ["all", "weight_only"])
+def test_training_takes_joint_backward(activation, needs, monkeypatch):
+    """A float32 layer the C++ rule gives to the joint backward: the eager module takes that path
+    (counted), and its gradients match PyTorch's (float64 reference)."""
+    from triton_kstconv import cpp_engine
+    from conftest import assert_close
+    calls = []
+    real = cpp_engine.joint_backward
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpp_engine, "joint_backward", counting)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 12, 12, generator=g, dtype=torch.float64)
+    m = K.ConvTranspose2d(16, 16, 4, stride=2, padding=1, activation=activation, backend="cpp")
+    ref = nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1).double()
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    xa = x.float().requires_grad_(needs == "all")
+    xr = x.clone().requires_grad_(needs == "all")
+    y = m(xa)
+    yr = ref(xr)
+    yr = torch.relu(yr) if activation else yr
+    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    y.backward(gy.float())
+    yr.backward(gy)
+    assert calls == [True]
+    k = 2 * 3 * 24 * 24
+    assert_close(m.weight.grad, ref.weight.grad, torch.float32, k)
+    assert_close(m.bias.grad, ref.bias.grad, torch.float32, k)
+    if needs == "all":
+        assert_close(xa.grad, xr.grad, torch.float32, 16 * 4)
+    else:
+        assert xa.grad is None

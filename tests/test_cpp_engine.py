@@ -196,3 +196,20 @@ def test_joint_backward_off_and_refusals(monkeypatch):
     monkeypatch.setenv("KSTCONV_JOINT", "1")
     assert cpp_engine.joint_backward(gf.double(), xf.double(), wf.double(), _geom(c),
                                      True, True, True) is None
+
+
+def test_joint_backward_rejects_inconsistent_arguments():
+    """The binding checks what it is given (a clear error, never an out-of-bounds access)."""
+    mod = cpp_engine.load()
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
+    geo = cpp_engine._joint_geo(_geom(c))
+    x5, w5, g5 = (cpp_engine._as5d(t) for t in (xf, wf, gf))
+    with pytest.raises(RuntimeError, match="geometry does not match"):
+        mod.joint_backward_ok(x5, g5[..., :-1], w5, geo, 1)
+    with pytest.raises(RuntimeError, match="groups"):
+        mod.joint_backward_ok(x5, g5, w5, geo, 0)
+    with pytest.raises(RuntimeError, match="grad_bias"):
+        mod.joint_backward(x5, g5, w5, None, None, torch.empty(1), geo, 1)
+    with pytest.raises(RuntimeError, match="grad_input"):
+        mod.joint_backward(x5, g5, w5, torch.empty_like(g5), None, None, geo, 1)

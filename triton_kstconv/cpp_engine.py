@@ -169,6 +169,9 @@ def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ge
     if grad.dtype != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     mod = load()
+    xs, gs, ws, geo = _as5d(x), _as5d(grad), _as5d(weight), _joint_geo(geom)
+    if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups):
+        return None
     dx = dw = db = None
     if need_dx:
         fmt = buffers.output_memory_format(geom.ndim, grad, weight)
@@ -178,7 +181,6 @@ def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ge
         dw = buffers.empty(tuple(weight.shape), weight.dtype, weight.device)
     if need_db:
         db = buffers.empty((grad.shape[1],), grad.dtype, grad.device)
-    ok = mod.joint_backward(_as5d(x), _as5d(grad), _as5d(weight),
-                            None if dx is None else _as5d(dx), None if dw is None else _as5d(dw),
-                            db, _joint_geo(geom), geom.groups)
-    return (dx, dw, db) if ok else None
+    mod.joint_backward(xs, gs, ws, None if dx is None else _as5d(dx),
+                       None if dw is None else _as5d(dw), db, geo, geom.groups)
+    return dx, dw, db

@@ -1834,9 +1834,9 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
 //                pixel are one contiguous run, a single reduction of kw * C_out)
 //   grad_weight: dW[kd, kh][ci, (kw, co)] += X[ci, iw] x G[s*iw - p + kw*dil, co]
 //                (X read in place: its rows of w are contiguous; the reduction runs over the row)
-//   grad_bias:   each grad_out row is summed once, by the input row that "owns" it (od in
-//                [s*id, s*id + s), the last input row owning the tail), from the cache when it is
-//                there, else from grad_out itself.
+//   grad_bias:   each grad_out row is summed once (in double), by the input row that "owns" it
+//                (od in [s*id, s*id + s), the last input row owning the tail), from the cache
+//                when it is there, else from grad_out itself.
 // Determinism: the input rows are cut into a fixed number of ranges (independent of the thread
 // count), each with its own dW / db accumulators, added in range order at the end.
 // geo: per axis (d, h, w) L_in, L_out, k, s, p, dil.
@@ -1894,7 +1894,8 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
   const i64 padlo = G.padlo(), Wp = G.row_width(), RD = G.slots_d(), RH = G.slots_h();
   const i64 row_elems = Wp * Cout;
   // grad_weight reads rows of x along w in place
-  const at::Tensor x = (want_dw && x_in.stride(4) != 1) ? x_in.contiguous() : x_in;
+  const bool rows_in_place = x_in.stride(4) == 1 && (Cin == 1 || x_in.stride(1) >= W);
+  const at::Tensor x = (want_dw && !rows_in_place) ? x_in.contiguous() : x_in;
   View5<const float> X(x), Y(dy);
   View5<float> DX(dx);
   // one reduction over the kw taps of a pixel when they are adjacent in the cached row
@@ -1919,7 +1920,7 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
   const i64 S = std::min<i64>(rows, kJointSplits);
   const i64 dw_elems = groups * KD * KH * Cin_g * KW * Cout_g;  // [g][kd][kh][ci][kw][co]
   std::vector<float> dwacc(want_dw ? S * dw_elems : 0, 0.f);
-  std::vector<float> dbacc(want_db ? S * Cout : 0, 0.f);
+  std::vector<double> dbacc(want_db ? S * Cout : 0, 0.0);
   const brgemm_t brg = blas().brgemm;
   const i64 MT = std::max<i64>(8, std::min<i64>(64, (i64(8) << 10) / Cin_g));
   const bool fast_t = Y.st[4] == 1 && have_avx2();
@@ -1931,7 +1932,7 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
     for (i64 sp = sp0; sp < sp1; ++sp) {
       std::fill(tag.begin(), tag.end(), i64(-1));
       float* dwa = want_dw ? dwacc.data() + sp * dw_elems : nullptr;
-      float* dba = want_db ? dbacc.data() + sp * Cout : nullptr;
+      double* dba = want_db ? dbacc.data() + sp * Cout : nullptr;
       // the cached channels-last row of grad_out (n, od, oh), transposed on a miss
       auto row_of = [&](i64 n, i64 od, i64 oh) -> const float* {
         const i64 slot = (od % RD) * RH + (oh % RH), id = (n * Do + od) * Ho + oh;
@@ -1982,7 +1983,7 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
               } else {
                 const float* y = Y.p + n * Y.st[0] + od * Y.st[2] + oh * Y.st[3];
                 for (i64 c = 0; c < Cout; ++c) {
-                  float sum = 0.f;
+                  double sum = 0.0;
                   for (i64 w = 0; w < Wo; ++w) sum += y[c * Y.st[1] + w * Y.st[4]];
                   dba[c] += sum;
                 }
@@ -2058,9 +2059,9 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
   if (want_db) {
     float* o = db.data_ptr<float>();
     for (i64 c = 0; c < Cout; ++c) {
-      float sum = 0.f;
+      double sum = 0.0;
       for (i64 sp = 0; sp < S; ++sp) sum += dbacc[sp * Cout + c];
-      o[c] = sum;
+      o[c] = float(sum);
     }
   }
 }
@@ -2232,22 +2233,44 @@ void grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
   });
 }
 
-// Joint backward (see joint_backward_impl); outputs that are undefined are not computed.
-// Returns false, touching nothing, where the joint path does not serve the layer.
-bool joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
-                    c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
-                    c10::optional<at::Tensor> db, const std::vector<i64>& geo, i64 groups) {
+// Joint backward (see joint_backward_impl): whether it serves the layer (KSTCONV_JOINT: 0 never,
+// 1 wherever it can run, unset: the rules), and the pass itself; outputs that are undefined are
+// not computed.
+bool joint_backward_ok(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                       const std::vector<i64>& geo, i64 groups) {
   check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
   const JointGeo G(geo);
-  const i64 mode = env_int("KSTCONV_JOINT", -1);  // 0: never, 1: wherever it can run
-  if (mode == 0 || !joint_backward_fits(G, x, dy, weight, groups, mode == 1)) return false;
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && dy.size(1) == weight.size(1) * groups &&
+                  weight.size(0) == x.size(1) && dy.size(0) == x.size(0),
+              "kstconv: joint backward: inconsistent channels, batch or groups");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(x.size(2 + d) == G.L[d] && dy.size(2 + d) == G.Lo[d] &&
+                    weight.size(2 + d) == G.k[d] && G.s[d] >= 1 && G.dil[d] >= 1 && G.p[d] >= 0,
+                "kstconv: joint backward: geometry does not match the tensors on axis ", d);
+  const i64 mode = env_int("KSTCONV_JOINT", -1);
+  return mode != 0 && joint_backward_fits(G, x, dy, weight, groups, mode == 1);
+}
+
+void joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                    c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> db, const std::vector<i64>& geo, i64 groups) {
+  const JointGeo G(geo);
+  TORCH_CHECK(joint_backward_fits(G, x, dy, weight, groups, true),
+              "kstconv: the joint backward cannot run this layer");
   at::Tensor dxt = dx.has_value() ? *dx : at::Tensor(), dwt = dw.has_value() ? *dw : at::Tensor();
   at::Tensor dbt = db.has_value() ? *db : at::Tensor();
-  if (dxt.defined()) check5(dxt, "grad_input");
-  if (dwt.defined()) check5(dwt, "grad_weight");
-  TORCH_CHECK(!dbt.defined() || dbt.is_contiguous(), "kstconv: grad_bias must be contiguous");
+  auto same = [](const at::Tensor& t, const at::Tensor& like, const char* name) {
+    check5(t, name);
+    TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == at::kFloat, "kstconv: ", name,
+                " has the wrong shape or dtype");
+  };
+  if (dxt.defined()) same(dxt, x, "grad_input");
+  if (dwt.defined()) same(dwt, weight, "grad_weight");
+  TORCH_CHECK(!dbt.defined() || (dbt.is_contiguous() && dbt.device().is_cpu() &&
+                                 dbt.scalar_type() == at::kFloat && dbt.dim() == 1 &&
+                                 dbt.size(0) == dy.size(1)),
+              "kstconv: grad_bias must be a contiguous float32 CPU vector of C_out elements");
   joint_backward_impl(x, dy, weight, dxt, dwt, dbt, G, groups);
-  return true;
 }
 
 bool have_blas() { return blas().sgemm != nullptr; }
@@ -2257,6 +2280,7 @@ bool have_blas() { return blas().sgemm != nullptr; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &kst::conv, "gather-GEMM-scatter over a phase plan (forward, grad_input)");
   m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient");
+  m.def("joint_backward_ok", &kst::joint_backward_ok, "whether the joint backward serves a layer");
   m.def("joint_backward", &kst::joint_backward, "grad_input, grad_weight, grad_bias in one pass");
   m.def("have_blas", &kst::have_blas, "whether MKL's sgemm_ was found in libtorch_cpu");
 }
