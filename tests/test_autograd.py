@@ -1,5 +1,5 @@
 """Autograd, op registration and compilation: gradcheck / gradgradcheck in float64,
-torch.library.opcheck on the three ops, and a fullgraph torch.compile of a small decoder."""
+torch.library.opcheck on the four ops, and a fullgraph torch.compile of a small decoder."""
 import pytest
 import torch
 from torch import nn
@@ -63,6 +63,8 @@ def test_opcheck(backend):
     g = torch.randn(2, 6, 6, 6)
     torch.library.opcheck(ops.conv_transpose_grad_input, (g, w, [3, 3], *conv, backend))
     torch.library.opcheck(ops.conv_transpose_grad_weight, (x, g, [4, 6, 3, 3], *conv, backend))
+    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(ops.conv_transpose_backward, (g, x, w, *conv, backend, mask))
 
 
 class TinyDecoder(nn.Module):
@@ -76,7 +78,12 @@ class TinyDecoder(nn.Module):
 
 
 @pytest.mark.compile
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("joint", ["0", "1"], ids=["separate_backward", "joint_backward"])
+def test_compile_fullgraph_forward_and_backward(joint, monkeypatch):
+    monkeypatch.setenv("KSTCONV_JOINT", joint)  # the C++ engine's backward paths, both
+    # compile afresh: a cached graph from an older checkout would test old code
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyDecoder()
     z = torch.randn(2, 8, 4, 4, requires_grad=True)
@@ -84,9 +91,16 @@ def test_compile_fullgraph_forward_and_backward():
     eager.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    from triton_kstconv import cpp_engine
+    calls = []
+    real = cpp_engine.joint_backward
+    monkeypatch.setattr(cpp_engine, "joint_backward",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(z)
     out.sum().backward()
+    if ops.engine("cpu") is cpp_engine:  # the compiled backward took the joint op's path
+        assert [c is not None for c in calls] == [joint == "1"] * 2
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

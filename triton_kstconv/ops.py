@@ -1,12 +1,14 @@
-"""Operator registration and autograd: three ``torch.library`` custom ops and their glue.
+"""Operator registration and autograd: four ``torch.library`` custom ops and their glue.
 
 * ``kstconv::conv_transpose``              y = act(conv_transpose(x, w) + b), and the value before
                                            the activation where its derivative needs it
+* ``kstconv::conv_transpose_backward``     dL/dx, dL/dw, dL/db of that op together (the engine's
+                                           one-pass backward where it has one)
 * ``kstconv::conv_transpose_grad_input``   dL/dx, an ordinary strided convolution of grad_out
 * ``kstconv::conv_transpose_grad_weight``  dL/dw, per-phase correlations of x with grad_out
 
 Each has a fake (meta) implementation, so ``torch.compile`` traces through them, and an autograd
-formula written with the other two, so first and second derivatives work. Every op takes the
+formula written with the others, so first and second derivatives work. Every op takes the
 engine by name (``"cpp"``, ``"torch"``, ``"triton"``); ``functional`` picks it.
 """
 from __future__ import annotations
@@ -96,26 +98,29 @@ def _backward(ctx, grad_out, grad_pre, differentiable: bool):
     grad = epilogue.backward(grad_out, out, pre, ctx.act)
     if grad_pre is not None and grad_pre.numel():
         grad = grad + grad_pre
-    dx = dw = db = None
-    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2])
-    joint = getattr(engine(ctx.backend), "joint_backward", None)
-    if not differentiable and joint is not None and (need[0] or need[1]):
-        # one pass over grad_out for all three, where the engine has one for this layer
-        geom = geometry_of(ctx.in_size, ctx.weight_size[2:], *ctx.conv)
-        got = joint(grad, x, weight, geom, *need)
+    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+            bool(ctx.has_bias and ctx.needs_input_grad[2])]
+    if differentiable:
+        dx, dw, db = conv_transpose_backward(grad, x, weight, *ctx.conv, ctx.backend, need)
+    else:
+        dx, dw, db = _backward_impl(grad, x, weight, ctx.conv, ctx.backend, need)
+    return tuple(t if wanted else None for t, wanted in zip((dx, dw, db), need))
+
+
+def _backward_impl(grad, x, weight, conv, backend, need):
+    """grad_input, grad_weight, grad_bias (None where not needed): in one pass over grad_out
+    where the engine has a joint backward for the layer, else in separate passes."""
+    joint = getattr(engine(backend), "joint_backward", None)
+    if joint is not None and (need[0] or need[1]):
+        got = joint(grad, x, weight, geometry_of(x.shape[2:], weight.shape[2:], *conv), *need)
         if got is not None:
-            return got
-    if ctx.needs_input_grad[0]:
-        dx = conv_transpose_grad_input(grad, weight, ctx.in_size, *ctx.conv, ctx.backend) \
-            if differentiable else _grad_input_impl(grad, weight, ctx.in_size, ctx.conv,
-                                                    ctx.backend)
-    if ctx.needs_input_grad[1]:
-        dw = conv_transpose_grad_weight(x, grad, ctx.weight_size, *ctx.conv, ctx.backend) \
-            if differentiable else _grad_weight_impl(x, grad, ctx.weight_size, ctx.conv,
-                                                     ctx.backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = grad.sum([0] + list(range(2, grad.dim())))
+            dx, dw, db = got
+            fmt = output_memory_format(x.dim() - 2, grad, weight)
+            return (dx.contiguous(memory_format=fmt) if dx is not None else None,
+                    dw.contiguous() if dw is not None else None, db)
+    dx = _grad_input_impl(grad, weight, list(x.shape[2:]), conv, backend) if need[0] else None
+    dw = _grad_weight_impl(x, grad, list(weight.shape), conv, backend) if need[1] else None
+    db = grad.sum([0] + list(range(2, grad.dim()))) if need[2] else None
     return dx, dw, db
 
 
@@ -198,6 +203,58 @@ def conv_transpose_grad_weight(x: Tensor, grad: Tensor, weight_size: List[int],
 @conv_transpose_grad_weight.register_fake
 def _(x, grad, weight_size, stride, padding, output_padding, groups, dilation, backend):
     return x.new_empty(weight_size)
+
+
+# ------------------------------------------------------------------------ joint backward
+@torch.library.custom_op("kstconv::conv_transpose_backward", mutates_args=())
+def conv_transpose_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+                            padding: List[int], output_padding: List[int], groups: int,
+                            dilation: List[int], backend: str, output_mask: List[bool]
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_input, grad_weight, grad_bias of the forward op (empty where ``output_mask`` says
+    not needed): the engine's one-pass backward where it has one, else the separate passes."""
+    conv = (stride, padding, output_padding, groups, dilation)
+    out = _backward_impl(grad, x, weight, conv, backend, output_mask)
+    return tuple(t if t is not None else grad.new_empty(0) for t in out)
+
+
+@conv_transpose_backward.register_fake
+def _(grad, x, weight, stride, padding, output_padding, groups, dilation, backend, output_mask):
+    fmt = output_memory_format(x.dim() - 2, grad, weight)
+    return (_empty(x.shape, grad, fmt) if output_mask[0] else grad.new_empty(0),
+            weight.new_empty(weight.shape) if output_mask[1] else grad.new_empty(0),
+            grad.new_empty(grad.shape[1]) if output_mask[2] else grad.new_empty(0))
+
+
+def _bw_setup(ctx, inputs, output):
+    grad, x, weight, stride, padding, output_padding, groups, dilation, backend, mask = inputs
+    ctx.conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
+    ctx.backend = backend
+    ctx.mask = list(mask)
+    ctx.save_for_backward(grad, x, weight)
+
+
+def _bw_backward(ctx, vdx, vdw, vdb):
+    # dx = GI(g, w), dw = GW(x, g), db = sum(g): all linear in g; dx in w, dw in x
+    grad, x, weight = ctx.saved_tensors
+    dg = dx = dw = None
+    if ctx.needs_input_grad[0]:
+        parts = []
+        if ctx.mask[0]:
+            parts.append(_plain_forward(vdx, weight, ctx.conv, ctx.backend))
+        if ctx.mask[1]:
+            parts.append(_plain_forward(x, vdw, ctx.conv, ctx.backend))
+        if ctx.mask[2]:
+            parts.append(vdb.view(1, -1, *([1] * (grad.dim() - 2))).expand_as(grad))
+        dg = sum(parts[1:], parts[0]) if parts else torch.zeros_like(grad)
+    if ctx.needs_input_grad[1] and ctx.mask[1]:
+        dx = conv_transpose_grad_input(grad, vdw, list(x.shape[2:]), *ctx.conv, ctx.backend)
+    if ctx.needs_input_grad[2] and ctx.mask[0]:
+        dw = conv_transpose_grad_weight(vdx, grad, list(weight.shape), *ctx.conv, ctx.backend)
+    return dg, dx, dw, None, None, None, None, None, None, None
+
+
+conv_transpose_backward.register_autograd(_bw_backward, setup_context=_bw_setup)
 
 
 # ------------------------------------------------------------------------------- autograd
