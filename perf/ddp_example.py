@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, steps: int, batch: int, out_path: 
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()},
                        out_path)
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -81,8 +81,6 @@ class TinyDecoder(nn.Module):
 @pytest.mark.parametrize("joint", ["0", "1"], ids=["separate_backward", "joint_backward"])
 def test_compile_fullgraph_forward_and_backward(joint, monkeypatch):
     monkeypatch.setenv("KSTCONV_JOINT", joint)  # the C++ engine's backward paths, both
-    # compile afresh: a cached graph from an older checkout would test old code
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyDecoder()
@@ -97,8 +95,10 @@ def test_compile_fullgraph_forward_and_backward(joint, monkeypatch):
     monkeypatch.setattr(cpp_engine, "joint_backward",
                         lambda *a: calls.append(real(*a)) or calls[-1])
     compiled = torch.compile(model, fullgraph=True)
-    out = compiled(z)
-    out.sum().backward()
+    # compile afresh: a cached graph from an older checkout would test old code
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = compiled(z)
+        out.sum().backward()
     if ops.engine("cpu") is cpp_engine:  # the compiled backward took the joint op's path
         assert [c is not None for c in calls] == [joint == "1"] * 2
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
