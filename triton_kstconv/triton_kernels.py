@@ -46,6 +46,16 @@ def _activation(v, slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _phase_pixels(offs, Qd, Qh, Qw):
+    """Flat pixel indices of a phase, (n, qd, qh, qw) with qw fastest; n as int64."""
+    qw = offs % Qw
+    t = offs // Qw
+    qh = t % Qh
+    t = t // Qh
+    return (t // Qd).to(tl.int64), t % Qd, qh, qw
+
+
+@triton.jit
 def _phase_row(PH, phase):
     """One phase's row of the phase table (see PHASE_FIELDS)."""
     ph = PH + phase * 14
@@ -95,12 +105,7 @@ def conv_phase_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # [BLOCK_M] pixels of the phase
     mask_m = offs_m < M
-    qw = offs_m % Qw
-    t = offs_m // Qw
-    qh = t % Qh
-    t = t // Qh
-    qd = t % Qd
-    n = (t // Qd).to(tl.int64)
+    n, qd, qh, qw = _phase_pixels(offs_m, Qd, Qh, Qw)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BLOCK_N] destination channels
     mask_n = offs_n < C_dst_g
     arange_k = tl.arange(0, BLOCK_K)
@@ -207,12 +212,7 @@ def wgrad_phase_kernel(
     for m0 in range(m_begin, m_end, BLOCK_K):
         offs_p = m0 + arange_p                                       # [BLOCK_K] pixels
         mask_p = offs_p < m_end
-        qw = offs_p % Qw
-        t = offs_p // Qw
-        qh = t % Qh
-        t = t // Qh
-        qd = t % Qd
-        n = (t // Qd).to(tl.int64)
+        n, qd, qh, qw = _phase_pixels(offs_p, Qd, Qh, Qw)
         dst = n * syn + (S_d * qd + Rd).to(tl.int64) * syd + (S_h * qh + Rh).to(tl.int64) * syh \
             + (S_w * qw + Rw).to(tl.int64) * syw
         a = tl.load(dy_ch[:, None] + dst[None, :],

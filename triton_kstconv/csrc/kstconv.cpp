@@ -313,6 +313,13 @@ struct Block {
   bool no_taps() const { return nt(0) == 0 || nt(1) == 0 || nt(2) == 0; }
 };
 
+// The block widened to every tap of a one-phase plan (the patch matrix zero-filled where a tap
+// falls outside), for the paths that multiply in the weight's own order.
+inline Block every_tap(const Plan& GI, Block b) {
+  for (int d = 0; d < 3; ++d) b.t0[d] = 0, b.t1[d] = GI.ax[d].ph[0].T();
+  return b;
+}
+
 // Patch matrix of a block. KM layout: cols[k][m] (m contiguous), for a source whose innermost
 // spatial stride is small; MK layout: cols[m][k] (channels contiguous), for channels-last sources.
 // k runs over (td, th, tw, c) of the block's tap ranges, m over (n, qd, qh, qw).
@@ -760,6 +767,20 @@ __attribute__((target("avx2"))) static i64 deinterleave2(const float* y, i64 q, 
 inline bool have_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok;
+}
+
+// One row of C channels x W pixels, element (c, w) at src[c * cst + w * wst], into channels-last
+// dst[w * C + c]: 8 x 8 register transposes where the pixels are contiguous, then the tails.
+inline void row_to_channels_last(const float* src, i64 cst, i64 wst, i64 C, i64 W, float* dst) {
+  i64 c8 = 0, w8 = 0;
+  if (wst == 1 && have_avx2()) {
+    c8 = C / 8 * 8;
+    w8 = W / 8 * 8;
+    for (i64 c = 0; c < c8; c += 8)
+      for (i64 w = 0; w < w8; w += 8) transpose8x8(src + c * cst + w, cst, dst + w * C + c, C);
+  }
+  for (i64 w = 0; w < W; ++w)
+    for (i64 c = (w < w8 ? c8 : 0); c < C; ++c) dst[w * C + c] = src[c * cst + w * wst];
 }
 
 // A channels-last (N, D, H, W, C) copy of a 5-d tensor, optionally with zero columns added on
@@ -1515,8 +1536,7 @@ void grad_input_weight_streaming_impl(const at::Tensor& dy, const at::Tensor& we
     std::vector<T> cols, cbuf;
     for (i64 item = begin; item < end; ++item) {
       for_each_block(GI, items, item, [&](const Block& b0) {
-        Block b = b0;  // every tap, zero-filled where outside
-        for (int d = 0; d < 3; ++d) b.t0[d] = 0, b.t1[d] = GI.ax[d].ph[0].T();
+        const Block b = every_tap(GI, b0);
         const i64 M = b.M();
         if (M == 0) return;
         if (i64(cols.size()) < CK * M) cols.resize(CK * M);
@@ -1587,8 +1607,7 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
     std::vector<T> cols, xbuf;
     for (i64 item = begin; item < end; ++item) {
       for_each_block(GI, items, item, [&](const Block& b0) {
-        Block b = b0;  // all taps, zero-filled where outside
-        for (int d = 0; d < 3; ++d) b.t0[d] = 0, b.t1[d] = GI.ax[d].ph[0].T();
+        const Block b = every_tap(GI, b0);
         const i64 M = b.M();
         if (M == 0 || Cin_g == 0 || CK == 0) return;
         if (i64(cols.size()) < CK * M) cols.resize(CK * M);
@@ -1655,19 +1674,8 @@ void grad_weight_brgemm_impl(const at::Tensor& x_in, const at::Tensor& dy, at::T
         float* row0 = xs.get() + (((n * D + d) * Hx + h) * Wc) * Cin;
         std::fill(row0, row0 + padL * Cin, 0.f);
         std::fill(row0 + (padL + Aw.L_src) * Cin, row0 + (h == H - 1 ? 2 : 1) * Wc * Cin, 0.f);
-        float* orow = row0 + padL * Cin;
-        const float* xr = Xv.p + n * Xv.st[0] + d * Xv.st[2] + h * Xv.st[3];
-        const i64 W = Aw.L_src;
-        i64 c8 = 0, w8 = 0;
-        if (Xv.st[4] == 1 && have_avx2()) {
-          c8 = Cin / 8 * 8;
-          w8 = W / 8 * 8;
-          for (i64 c = 0; c < c8; c += 8)
-            for (i64 w = 0; w < w8; w += 8) transpose8x8(xr + c * Xv.st[1] + w, Xv.st[1], orow + w * Cin + c, Cin);
-        }
-        for (i64 w = 0; w < W; ++w)
-          for (i64 c = (w < w8 ? c8 : 0); c < Cin; ++c)
-            orow[w * Cin + c] = xr[c * Xv.st[1] + w * Xv.st[4]];
+        row_to_channels_last(Xv.p + n * Xv.st[0] + d * Xv.st[2] + h * Xv.st[3], Xv.st[1],
+                             Xv.st[4], Cin, Aw.L_src, row0 + padL * Cin);
       }
     });
   }
@@ -1923,7 +1931,6 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
   std::vector<double> dbacc(want_db ? S * Cout : 0, 0.0);
   const brgemm_t brg = blas().brgemm;
   const i64 MT = std::max<i64>(8, std::min<i64>(64, (i64(8) << 10) / Cin_g));
-  const bool fast_t = Y.st[4] == 1 && have_avx2();
 
   at::parallel_for(0, S, 1, [&](i64 sp0, i64 sp1) {
     std::vector<float> cache(RD * RH * row_elems);
@@ -1941,19 +1948,8 @@ void joint_backward_impl(const at::Tensor& x_in, const at::Tensor& dy, const at:
         tag[slot] = id;
         std::fill(r, r + padlo * Cout, 0.f);
         std::fill(r + (padlo + Wo) * Cout, r + row_elems, 0.f);
-        const float* y = Y.p + n * Y.st[0] + od * Y.st[2] + oh * Y.st[3];
-        float* o = r + padlo * Cout;
-        i64 c8 = 0, w8 = 0;
-        if (fast_t) {
-          c8 = Cout / 8 * 8;
-          w8 = Wo / 8 * 8;
-          for (i64 c = 0; c < c8; c += 8)
-            for (i64 w = 0; w < w8; w += 8)
-              transpose8x8(y + c * Y.st[1] + w, Y.st[1], o + w * Cout + c, Cout);
-        }
-        for (i64 w = 0; w < Wo; ++w)
-          for (i64 c = (w < w8 ? c8 : 0); c < Cout; ++c)
-            o[w * Cout + c] = y[c * Y.st[1] + w * Y.st[4]];
+        row_to_channels_last(Y.p + n * Y.st[0] + od * Y.st[2] + oh * Y.st[3], Y.st[1], Y.st[4],
+                             Cout, Wo, r + padlo * Cout);
         return r;
       };
       const i64 r0 = rows * sp / S, r1 = rows * (sp + 1) / S;
