@@ -58,8 +58,13 @@ def test_gradcheck_triton_small():
 def test_opcheck(backend):
     x, w, b = (t.float().detach().requires_grad_() for t in _inputs())
     conv = ([2, 2], [1, 1], [1, 1], 1, [1, 1])
-    torch.library.opcheck(ops.conv_transpose, (x, w, b, *conv, "silu", 0.0, True, backend))
-    torch.library.opcheck(ops.conv_transpose, (x, w, None, *conv, "", 0.0, False, backend))
+    torch.library.opcheck(ops.conv_transpose, (x, w, b, *conv, "silu", 0.0, True, backend,
+                                               False))
+    torch.library.opcheck(ops.conv_transpose, (x, w, None, *conv, "", 0.0, False, backend,
+                                               False))
+    with torch.no_grad():    # the form a pass that records no graph takes (reuses packs)
+        torch.library.opcheck(ops.conv_transpose, (x.detach(), w.detach(), None, *conv, "", 0.0,
+                                                   False, backend, True))
     g = torch.randn(2, 6, 6, 6)
     torch.library.opcheck(ops.conv_transpose_grad_input, (g, w, [3, 3], *conv, backend))
     torch.library.opcheck(ops.conv_transpose_grad_weight, (x, g, [4, 6, 3, 3], *conv, backend))

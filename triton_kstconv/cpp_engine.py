@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from . import buffers
+from . import buffers, weight_cache
 from .epilogue import Activation
 from .geometry import ConvArgumentError, Geometry, adjoint_axis_phase
 
@@ -108,20 +108,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
         f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
 
 
+def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reuse: bool):
+    """The method conv() will run, and the weight prepared for it in the compute dtype; with
+    ``reuse`` (a pass that records no graph) made once per weight version (weight_cache),
+    else left to conv() itself. Returns (method, weight in the compute dtype, prepared)."""
+    cdt = dst.dtype
+    m = mod.conv_method(src, _as5d(weight), dst, plan, groups, swap, method)
+    if not reuse:
+        return m, weight.to(cdt), []
+    key = ("cpp", swap, tuple(weight.shape), tuple(plan), groups, m,
+           src.shape[1] > 1 and src.stride(1) == 1, cdt)
+
+    def make(_):
+        wc = weight.to(cdt)
+        # the converted weight is kept only where it is a new tensor (a cache value must not
+        # hold the weight it hangs off, or the weight would never be freed)
+        return {"prep": (wc if wc is not weight else None,
+                         mod.pack_weight(src, _as5d(wc), dst, plan, groups, swap, m))}
+
+    wc, prep = weight_cache.packed(weight, key, ("prep",), make)["prep"]
+    return m, (weight if wc is None else wc), prep
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: Geometry,
-            act: Activation, keep_pre: bool, method: int = 0):
+            act: Activation, keep_pre: bool, state: dict | None = None, method: int = 0):
     """Returns ``(out, pre)``; ``pre`` (the value before the activation) only if ``keep_pre``.
+    ``state`` None: a pass that records no graph (the packed weight is reused across calls).
     ``method`` forces one of the engine's inner strategies (0: its own choice; see csrc)."""
     mod = load()
     cdt = _compute_dtype(x.dtype)
-    xc, wc = x.to(cdt), weight.to(cdt)
+    xc = _as5d(x.to(cdt))
     bc = bias.to(cdt) if bias is not None else None
     shape = (x.shape[0], weight.shape[1] * geom.groups, *geom.out_size)
     fmt = buffers.output_memory_format(geom.ndim, x, weight)
     out = buffers.empty(shape, cdt, x.device, fmt)
     pre = buffers.empty(shape, cdt, x.device, fmt) if keep_pre else None
-    mod.conv(_as5d(xc), _as5d(wc), bc, _as5d(out), None if pre is None else _as5d(pre),
-             forward_plan(geom), geom.groups, False, act.code, act.param, MERGE_TAU, method)
+    plan = forward_plan(geom)
+    m, wc, prep = _conv(mod, xc, weight, _as5d(out), plan, geom.groups, False, method,
+                        state is None)
+    mod.conv(xc, _as5d(wc), bc, _as5d(out), None if pre is None else _as5d(pre), plan,
+             geom.groups, False, act.code, act.param, MERGE_TAU, m, prep)
     if cdt != x.dtype:
         out = out.to(x.dtype)
         pre = pre.to(x.dtype) if pre is not None else None
@@ -129,15 +155,17 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
 
 
 def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry,
-               method: int = 0) -> torch.Tensor:
+               state: dict | None = None, method: int = 0) -> torch.Tensor:
     mod = load()
     cdt = _compute_dtype(grad.dtype)
-    gc, wc = grad.to(cdt), weight.to(cdt)
+    gc = _as5d(grad.to(cdt))
     shape = (grad.shape[0], weight.shape[0], *geom.in_size)
     fmt = buffers.output_memory_format(geom.ndim, grad, weight)
     dx = buffers.empty(shape, cdt, grad.device, fmt)
-    mod.conv(_as5d(gc), _as5d(wc), None, _as5d(dx), None, grad_input_plan(geom), geom.groups,
-             True, 0, 0.0, MERGE_TAU, method)
+    plan = grad_input_plan(geom)
+    m, wc, prep = _conv(mod, gc, weight, _as5d(dx), plan, geom.groups, True, method, False)
+    mod.conv(gc, _as5d(wc), None, _as5d(dx), None, plan, geom.groups, True, 0, 0.0, MERGE_TAU,
+             m, prep)
     return dx.to(grad.dtype)
 
 

@@ -115,7 +115,7 @@ def conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None
             list(params.dilation))
     if torch.compiler.is_compiling():   # traced: the registered op (fake impl, autograd formula)
         out, _ = ops.conv_transpose(x, weight, bias, *conv, act.name or "", act.param, keep_pre,
-                                    engine)
+                                    engine, not wants_grad)
     else:                               # eager: the same engines, less dispatch
         out = ops.conv_transpose_eager(x, weight, bias, conv, act, keep_pre, engine)
     return out if batched else out.squeeze(0)

@@ -70,18 +70,21 @@ def _empty(shape, like: Tensor, fmt) -> Tensor:
 
 
 # ------------------------------------------------------------ implementations (ops and eager)
-def _forward_impl(x, weight, bias, conv, act: Activation, keep_pre, backend):
+def _forward_impl(x, weight, bias, conv, act: Activation, keep_pre, backend, state):
+    """``state``: None for a pass that records no graph (the engine may reuse a packed weight
+    across calls, weight_cache.py), else a dict that the engine fills with what this pass's
+    own backward may reuse (the weight packed for grad_input, made with the forward's pack)."""
     geom = geometry_of(x.shape[2:], weight.shape[2:], *conv)
-    out, pre = engine(backend).forward(x, weight, bias, geom, act, keep_pre)
+    out, pre = engine(backend).forward(x, weight, bias, geom, act, keep_pre, state)
     fmt = output_memory_format(geom.ndim, x, weight)
     out = out.contiguous(memory_format=fmt)
     pre = pre.contiguous(memory_format=fmt) if keep_pre else x.new_empty(0)
     return out, pre
 
 
-def _grad_input_impl(grad, weight, in_size, conv, backend):
+def _grad_input_impl(grad, weight, in_size, conv, backend, state=None):
     geom = geometry_of(in_size, weight.shape[2:], *conv)
-    dx = engine(backend).grad_input(grad, weight, geom)
+    dx = engine(backend).grad_input(grad, weight, geom, state)
     return dx.contiguous(memory_format=output_memory_format(geom.ndim, grad, weight))
 
 
@@ -103,13 +106,15 @@ def _backward(ctx, grad_out, grad_pre, differentiable: bool):
     if differentiable:
         dx, dw, db = conv_transpose_backward(grad, x, weight, *ctx.conv, ctx.backend, need)
     else:
-        dx, dw, db = _backward_impl(grad, x, weight, ctx.conv, ctx.backend, need)
+        dx, dw, db = _backward_impl(grad, x, weight, ctx.conv, ctx.backend, need,
+                                    getattr(ctx, "state", None))
     return tuple(t if wanted else None for t, wanted in zip((dx, dw, db), need))
 
 
-def _backward_impl(grad, x, weight, conv, backend, need):
+def _backward_impl(grad, x, weight, conv, backend, need, state=None):
     """grad_input, grad_weight, grad_bias (None where not needed): in one pass over grad_out
-    where the engine has a joint backward for the layer, else in separate passes."""
+    where the engine has a joint backward for the layer, else in separate passes. ``state``:
+    what the forward left for its backward (see _forward_impl), if any."""
     joint = getattr(engine(backend), "joint_backward", None)
     if joint is not None and (need[0] or need[1]):
         got = joint(grad, x, weight, geometry_of(x.shape[2:], weight.shape[2:], *conv), *need)
@@ -118,7 +123,8 @@ def _backward_impl(grad, x, weight, conv, backend, need):
             fmt = output_memory_format(x.dim() - 2, grad, weight)
             return (dx.contiguous(memory_format=fmt) if dx is not None else None,
                     dw.contiguous() if dw is not None else None, db)
-    dx = _grad_input_impl(grad, weight, list(x.shape[2:]), conv, backend) if need[0] else None
+    dx = _grad_input_impl(grad, weight, list(x.shape[2:]), conv, backend, state) \
+        if need[0] else None
     dw = _grad_weight_impl(x, grad, list(weight.shape), conv, backend) if need[1] else None
     db = grad.sum([0] + list(range(2, grad.dim()))) if need[2] else None
     return dx, dw, db
@@ -140,7 +146,8 @@ class _EagerConvTranspose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv, act, keep_pre, backend):
-        out, pre = _forward_impl(x, weight, bias, conv, act, keep_pre, backend)
+        ctx.state = {}
+        out, pre = _forward_impl(x, weight, bias, conv, act, keep_pre, backend, ctx.state)
         _save(ctx, x, weight, bias, conv, act, backend, out, pre, keep_pre)
         return out
 
@@ -151,7 +158,12 @@ class _EagerConvTranspose(torch.autograd.Function):
 
 
 def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend):
-    return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
+    """Eager: through the autograd Function where a graph is recorded, else straight to the
+    engine (which may then reuse the weight packed by an earlier call)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
+    return _forward_impl(x, weight, bias, conv, act, False, backend, None)[0]
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -159,15 +171,17 @@ def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backe
 def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                    padding: List[int], output_padding: List[int], groups: int,
                    dilation: List[int], act: str, act_param: float, keep_pre: bool,
-                   backend: str) -> tuple[Tensor, Tensor]:
+                   backend: str, reuse_packed: bool) -> tuple[Tensor, Tensor]:
+    """``reuse_packed``: the pass records no graph, so the engine may reuse a weight packed by
+    an earlier call (weight_cache.py)."""
     conv = (stride, padding, output_padding, groups, dilation)
     return _forward_impl(x, weight, bias, conv, Activation(act or None, act_param), keep_pre,
-                         backend)
+                         backend, None if reuse_packed else {})
 
 
 @conv_transpose.register_fake
 def _(x, weight, bias, stride, padding, output_padding, groups, dilation, act, act_param,
-      keep_pre, backend):
+      keep_pre, backend, reuse_packed):
     nd = weight.dim() - 2
     geom = geometry_of(x.shape[2:], weight.shape[2:], stride, padding, output_padding, groups,
                        dilation)
@@ -260,7 +274,7 @@ conv_transpose_backward.register_autograd(_bw_backward, setup_context=_bw_setup)
 # ------------------------------------------------------------------------------- autograd
 def _fwd_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, output_padding, groups, dilation, act, act_param, \
-        keep_pre, backend = inputs
+        keep_pre, backend, _ = inputs
     out, pre = output
     conv = (list(stride), list(padding), list(output_padding), groups, list(dilation))
     _save(ctx, x, weight, bias, conv, Activation(act or None, act_param), backend, out, pre,
@@ -268,7 +282,7 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad_out, grad_pre):
-    return _backward(ctx, grad_out, grad_pre, differentiable=True) + (None,) * 9
+    return _backward(ctx, grad_out, grad_pre, differentiable=True) + (None,) * 10
 
 
 conv_transpose.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -276,7 +290,7 @@ conv_transpose.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 def _plain_forward(x, weight, conv, backend):
     """conv_transpose without bias or activation (for the second derivatives)."""
-    return conv_transpose(x, weight, None, *conv, "", 0.0, False, backend)[0]
+    return conv_transpose(x, weight, None, *conv, "", 0.0, False, backend, False)[0]
 
 
 def _gi_setup(ctx, inputs, output):

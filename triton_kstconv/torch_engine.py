@@ -7,6 +7,8 @@ per-phase decomposition (grad_input as the adjoint: an ordinary strided convolut
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -47,14 +49,21 @@ def _phase_slices(phase: Phase):
     return (Ellipsis,) + tuple(slice(ap.residue, None, ap.stride) for ap in phase.axes)
 
 
+@functools.lru_cache(maxsize=1024)
+def _taps(taps: tuple, device: torch.device) -> torch.Tensor:
+    """A phase's tap indices on ``device`` (made once: no host copy per call)."""
+    return torch.tensor(taps, dtype=torch.long, device=device)
+
+
 def _sub_kernel(weight: torch.Tensor, phase: Phase) -> torch.Tensor:
     sub = weight
     for ax, ap in enumerate(phase.axes):
-        sub = sub.index_select(2 + ax, torch.tensor(ap.taps, device=weight.device))
+        sub = sub.index_select(2 + ax, _taps(ap.taps, weight.device))
     return sub.flip(list(range(2, 2 + len(phase.axes))))
 
 
-def forward(x, weight, bias, geom: Geometry, act: epilogue.Activation, keep_pre: bool):
+def forward(x, weight, bias, geom: Geometry, act: epilogue.Activation, keep_pre: bool,
+            state=None):
     nd, g = geom.ndim, geom.groups
     shape = (x.shape[0], weight.shape[1] * g, *geom.out_size)
     fmt = buffers.output_memory_format(nd, x, weight)
@@ -77,7 +86,7 @@ def forward(x, weight, bias, geom: Geometry, act: epilogue.Activation, keep_pre:
     return epilogue.apply(out, act), pre
 
 
-def grad_input(grad, weight, geom: Geometry):
+def grad_input(grad, weight, geom: Geometry, state=None):
     nd = geom.ndim
     if grad.numel() == 0:
         return grad.new_zeros(grad.shape[0], weight.shape[0], *geom.in_size)
@@ -102,7 +111,6 @@ def grad_weight(x, grad, weight_shape, geom: Geometry, dtype):
             gph.contiguous(), xp, wc, None, [1] * nd, [0] * nd, list(dil), False, [0] * nd, g,
             [False, True, False])[1]
         sub = _from_conv_weight(gwc, g).flip(list(range(2, 2 + nd)))
-        idx = torch.meshgrid(*[torch.tensor(ap.taps, device=x.device) for ap in phase.axes],
-                             indexing="ij")
+        idx = torch.meshgrid(*[_taps(ap.taps, x.device) for ap in phase.axes], indexing="ij")
         dw[(slice(None), slice(None)) + tuple(idx)] = sub
     return dw

@@ -1,11 +1,17 @@
-"""The Triton kernels: one segregated implicit-GEMM kernel for forward and grad_input, one
-split-reduction kernel for grad_weight. Launch logic, tables and tuning live in triton_engine.py.
+"""The Triton kernels: the weight packing kernel, one segregated implicit-GEMM kernel for
+forward and grad_input, the grad_weight kernel and the fixed-order sum of its split reduction.
+Launch logic, tables and tuning live in triton_engine.py.
 
-Both read a per-phase table (built once per geometry, see ``triton_engine.phase_table``):
+They read a per-phase table (built once per geometry and device, see
+``triton_engine.phase_table``), one row of PHASE_FIELDS int32 per phase:
 
-    per phase, per axis a in (d, h, w):  Q_a (outputs), T_a (taps), OFF_a (source offset of
-    the first tap), R_a (destination residue); then WOFF (offset of the phase's packed weight
-    block in a group) and KP (its reduction length, T_d * T_h * T_w * C_src_g)
+    per axis a in (d, h, w): Q_a (outputs), T_a (taps), OFF_a (source offset of the first tap),
+    R_a (destination residue); WOFF (offset of the phase's packed weight block within a group,
+    in units of C_src_g, so that the kernels can prove its alignment); per axis J0_a (kernel
+    index of the phase's first tap; tap t is kernel index J0_a + t * JS_a)
+
+A phase's reduction length is KP = T_d * T_h * T_w * C_src_g, computed in the kernels (a value
+read from the table would hide its divisibility from the compiler).
 
 A phase writes destination positions  s_a * q + R_a  and reads, for tap t, source positions
 a_a * q + OFF_a + t * STEP_a.  Forward: a = 1, s = stride, STEP = -d / gcd(s, d) (taps ascend,
@@ -18,7 +24,7 @@ import triton.language as tl
 
 # Activation codes: keep in sync with epilogue.CODES.
 ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_TANH, ACT_SIGMOID = range(8)
-PHASE_FIELDS = 14  # Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF KP
+PHASE_FIELDS: tl.constexpr = 16  # Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF J0d J0h J0w
 
 
 @triton.jit
@@ -57,13 +63,20 @@ def _phase_pixels(offs, Qd, Qh, Qw):
 
 @triton.jit
 def _phase_row(PH, phase):
-    """One phase's row of the phase table (see PHASE_FIELDS)."""
-    ph = PH + phase * 14
+    """One phase's row of the phase table (see PHASE_FIELDS), WOFF in units of C_src_g."""
+    ph = PH + phase * PHASE_FIELDS
     return (tl.load(ph + 0), tl.load(ph + 1), tl.load(ph + 2),        # Qd Qh Qw
             tl.load(ph + 3), tl.load(ph + 4), tl.load(ph + 5),        # Td Th Tw
             tl.load(ph + 6), tl.load(ph + 7), tl.load(ph + 8),        # OFFd OFFh OFFw
             tl.load(ph + 9), tl.load(ph + 10), tl.load(ph + 11),      # Rd Rh Rw
-            tl.load(ph + 12).to(tl.int64), tl.load(ph + 13))          # WOFF KP
+            tl.load(ph + 12).to(tl.int64))                            # WOFF
+
+
+@triton.jit
+def _phase_first_taps(PH, phase):
+    """J0d J0h J0w: the kernel index of a phase's first tap on each axis."""
+    ph = PH + phase * PHASE_FIELDS
+    return tl.load(ph + 13), tl.load(ph + 14), tl.load(ph + 15)
 
 
 @triton.jit
@@ -98,10 +111,11 @@ def conv_phase_kernel(
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
 
-    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF, KP = _phase_row(PH, phase)
+    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF = _phase_row(PH, phase)
     M = N * Qd * Qh * Qw
     if pid_m * BLOCK_M >= M:
         return
+    KP = Td * Th * Tw * C_src_g                               # the phase's reduction length
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # [BLOCK_M] pixels of the phase
     mask_m = offs_m < M
@@ -111,7 +125,8 @@ def conv_phase_kernel(
     arange_k = tl.arange(0, BLOCK_K)
 
     x_row = X + n * sxn + (g * C_src_g).to(tl.int64) * sxc    # [BLOCK_M] pointers
-    w_tile = W + g.to(tl.int64) * w_group_stride + WOFF + offs_n.to(tl.int64)[None, :] * KP
+    w_tile = W + g.to(tl.int64) * w_group_stride + WOFF * C_src_g \
+        + offs_n.to(tl.int64)[None, :] * KP
     if ACC_FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
     else:
@@ -162,28 +177,34 @@ def conv_phase_kernel(
 
 @triton.jit
 def wgrad_phase_kernel(
-    X, DY, WS, PH,
+    X, DY, OUT, PH,
     N, C_in_g, C_out_g,
     L_d, L_h, L_w,
     S_d, S_h, S_w,
     STEP_d, STEP_h, STEP_w,
+    JS_d, JS_h, JS_w,              # kernel-index step between a phase's taps, per axis
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
-    ws_split_stride, ws_group_stride, num_splits, pixels_per_split,
+    so_split, so0, so1, so2, so3, so4,   # OUT: split stride, then dW's own strides
+    num_splits, pixels_per_split,
     key_cin, key_cout, key_taps, key_layout,
     ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_weight of one phase: a [BLOCK_M c_out x BLOCK_N (tap, c_in)] tile of
-    dWp = dY_phase[c_out, pixels] x patches[pixels, (tap, c_in)], reduced over one split of
-    the phase's pixels and written to its own slot of the workspace (the splits are summed
-    afterwards in a fixed order: deterministic, no atomics)."""
+    dW_phase = dY_phase[c_out, pixels] x patches[pixels, (tap, c_in)], reduced over one split
+    of the phase's pixels and stored straight into dW's own layout [C_in, C_out/g, *k] (each
+    (c_in, c_out, tap) belongs to exactly one phase). With several splits OUT is a workspace
+    [splits, *dW.shape] that sum_splits_kernel adds up in a fixed order: deterministic, no
+    atomics. A phase with no outputs stores zeros, so every element is written."""
     pid = tl.program_id(0)
     phase = tl.program_id(1)
     gs = tl.program_id(2)
     g = gs // num_splits
     split = gs % num_splits
-    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF, KP = _phase_row(PH, phase)
+    Qd, Qh, Qw, Td, Th, Tw, OFFd, OFFh, OFFw, Rd, Rh, Rw, WOFF = _phase_row(PH, phase)
+    J0d, J0h, J0w = _phase_first_taps(PH, phase)
+    KP = Td * Th * Tw * C_in_g
     num_n = tl.cdiv(KP, BLOCK_N)
     pid_m = pid // tl.maximum(num_n, 1)
     pid_n = pid % tl.maximum(num_n, 1)
@@ -232,6 +253,68 @@ def wgrad_phase_kernel(
             acc += tl.dot(a, b, out_dtype=tl.float64)
         else:
             acc += tl.dot(a, b, input_precision=PRECISION)
-    ws = WS + split.to(tl.int64) * ws_split_stride + g.to(tl.int64) * ws_group_stride + WOFF
-    ptr = ws + offs_co.to(tl.int64)[:, None] * KP + offs_k[None, :]
-    tl.store(ptr, acc.to(WS.dtype.element_ty), mask=mask_co[:, None] & mask_k[None, :])
+    # (c_in, tap) column -> dW[g * C_in_g + ci, co, J0 + t * JS]
+    col = (g * C_in_g + ci).to(tl.int64) * so0 + (J0d + td * JS_d).to(tl.int64) * so2 \
+        + (J0h + th * JS_h).to(tl.int64) * so3 + (J0w + tw * JS_w).to(tl.int64) * so4
+    ptr = OUT + split.to(tl.int64) * so_split + offs_co.to(tl.int64)[:, None] * so1 + col[None, :]
+    tl.store(ptr, acc.to(OUT.dtype.element_ty), mask=mask_co[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def sum_splits_kernel(WS, OUT, NUMEL, num_splits, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = sum over s of WS[s, i], the splits added in order (deterministic), one cast."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    if ACC_FP64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(WS + s * NUMEL + offs, mask=mask, other=0.0).to(acc.dtype)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pack_weight_kernel(
+    W, FWD, DGRAD, PH, NUMEL, C_in_g, C_out_g,
+    K_d, K_h, K_w, S_d, S_h, S_w, D_d, D_h, D_w, P_d, P_h, P_w, JS_d, JS_h, JS_w,
+    sw0, sw1, sw2, sw3, sw4,
+    PACK_FWD: tl.constexpr, PACK_DGRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Both packed layouts of a ConvTranspose weight W[C_in, C_out/g, kd, kh, kw] in one pass
+    (each element read once, in W's own order, any strides):
+
+    * FWD (forward): per group, per phase (row-major residues), per output channel, the phase's
+      taps (td, th, tw) x C_in/g, the reduction contiguous. Tap j of an axis belongs to the
+      phase of residue r = (j * dil - pad) mod s, as its (j // JS)-th tap.
+    * DGRAD (grad_input): [C_in, taps (row-major), C_out/g], the adjoint's one phase.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # [BLOCK] elements of W
+    mask = offs < NUMEL
+    kw = offs % K_w
+    t = offs // K_w
+    kh = t % K_h
+    t = t // K_h
+    kd = t % K_d
+    t = t // K_d
+    co = t % C_out_g
+    ci_all = t // C_out_g
+    v = tl.load(W + ci_all * sw0 + co * sw1 + kd * sw2 + kh * sw3 + kw * sw4, mask=mask)
+    taps = K_d * K_h * K_w
+    if PACK_DGRAD:
+        tl.store(DGRAD + (ci_all * taps + (kd * K_h + kh) * K_w + kw) * C_out_g + co, v,
+                 mask=mask)
+    if PACK_FWD:
+        g = ci_all // C_in_g
+        ci = ci_all % C_in_g
+        rd = ((kd * D_d - P_d) % S_d + S_d) % S_d
+        rh = ((kh * D_h - P_h) % S_h + S_h) % S_h
+        rw = ((kw * D_w - P_w) % S_w + S_w) % S_w
+        row = PH + ((rd * S_h + rh) * S_w + rw) * PHASE_FIELDS
+        Th = tl.load(row + 4, mask=mask, other=1)
+        Tw = tl.load(row + 5, mask=mask, other=1)
+        kp = tl.load(row + 3, mask=mask, other=1) * Th * Tw * C_in_g
+        woff = tl.load(row + 12, mask=mask, other=0).to(tl.int64) * C_in_g
+        tap = ((kd // JS_d) * Th + kh // JS_h) * Tw + kw // JS_w
+        tl.store(FWD + g * C_out_g * taps * C_in_g + woff + co * kp + tap * C_in_g + ci, v,
+                 mask=mask)

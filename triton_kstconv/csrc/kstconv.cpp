@@ -855,36 +855,83 @@ inline bool full_taps(const Plan& P, const Block& b) {
          b.nt(2) == P.ax[2].ph[b.r[2]].T();
 }
 
-// Per (group, phase): the packed weight in MKL's packed-operand format (float only), or null.
+// Per (group, phase): the packed weight in MKL's packed-operand format (float only), all in one
+// byte tensor at 64-byte aligned offsets (-1: that phase is multiplied from the plain packing).
+// Made once per weight version and cached by the Python side (weight_cache.py).
 struct MklPacked {
-  std::vector<float*> mats;
-  ~MklPacked() { for (float* m : mats) std::free(m); }
+  at::Tensor bytes, off;  // uint8 [total]; int64 [groups * phases]
+  const float* at(i64 i) const {
+    if (!off.defined()) return nullptr;
+    const i64 o = off.data_ptr<i64>()[i];
+    return o < 0 ? nullptr : reinterpret_cast<const float*>(bytes.data_ptr<uint8_t>() + o);
+  }
 };
 
 template <typename T>
-void mkl_pack_weights(MklPacked& out, const T* packed, const PackIndex& pi, i64 groups, i64 nP,
-                      bool mk) {
-  if constexpr (!std::is_same<T, float>::value) {
-    return;
-  } else {
+MklPacked mkl_pack_weights(const T* packed, const PackIndex& pi, i64 groups, i64 nP, bool mk) {
+  MklPacked out;
+  if constexpr (std::is_same<T, float>::value) {
     const Blas& bl = blas();
-    if (!bl.spack || pi.Cdst_g < 16) return;
-    out.mats.assign(groups * nP, nullptr);
+    if (!bl.spack || pi.Cdst_g < 16) return out;
+    std::vector<i64> off(groups * nP, -1);
+    i64 total = 64;  // room to align the first matrix
     for (i64 g = 0; g < groups; ++g)
       for (i64 p = 0; p < nP; ++p) {
         const i64 K = pi.K[p], C = pi.Cdst_g;
         if (K < 16 || K >= INT32_MAX || C * K < 4096) continue;
-        const float* wt = packed + pi.at(g, p);  // [K, C] row-major
         // KM: A = Wt^T [C, K]; MK: B = Wt [K, C]
         const size_t bytes = mk ? bl.spack_size(kBMatrix, 1, int(C), int(K))
                                 : bl.spack_size(kAMatrix, int(C), 1, int(K));
-        float* dst = static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-        TORCH_CHECK(dst, "kstconv: out of memory packing the weight");
+        off[g * nP + p] = total;
+        total += i64((bytes + 63) / 64 * 64);
+      }
+    if (total == 64) return out;
+    out.bytes = at::empty({total}, at::kByte);
+    const i64 shift = i64((64 - reinterpret_cast<uintptr_t>(out.bytes.data_ptr<uint8_t>()) % 64) % 64);
+    out.off = at::empty({groups * nP}, at::kLong);
+    i64* o = out.off.data_ptr<i64>();
+    for (i64 i = 0; i < groups * nP; ++i) o[i] = off[i] < 0 ? -1 : off[i] - 64 + shift;
+    for (i64 g = 0; g < groups; ++g)
+      for (i64 p = 0; p < nP; ++p) {
+        float* dst = const_cast<float*>(out.at(g * nP + p));
+        if (!dst) continue;
+        const i64 K = pi.K[p], C = pi.Cdst_g;
+        const float* wt = packed + pi.at(g, p);  // [K, C] row-major
         if (mk) bl.spack(kRowMajor, kBMatrix, kNoTrans, 1, int(C), int(K), 1.0f, wt, int(C), dst);
         else bl.spack(kRowMajor, kAMatrix, kTrans, int(C), 1, int(K), 1.0f, wt, int(C), dst);
-        out.mats[g * nP + p] = dst;
       }
   }
+  return out;
+}
+
+// A weight prepared for one conv method: the plain packing (pack_or_unpack layout), MKL's
+// packed operands (method 1, float), or a contiguous copy (methods 2 and 6). Either made by
+// pack_weight (once per weight version, cached in Python) or, where absent, per call.
+struct Prepared {
+  at::Tensor packed;  // T [groups * per_group], or the contiguous weight (methods 2, 6)
+  MklPacked mkl;
+  static Prepared from(const std::vector<at::Tensor>& v) {
+    Prepared p;
+    if (v.size() >= 1) p.packed = v[0];
+    if (v.size() >= 3) p.mkl.bytes = v[1], p.mkl.off = v[2];
+    return p;
+  }
+  std::vector<at::Tensor> to_list() const {
+    std::vector<at::Tensor> v;
+    if (packed.defined()) v.push_back(packed);
+    if (packed.defined() && mkl.off.defined()) v.push_back(mkl.bytes), v.push_back(mkl.off);
+    return v;
+  }
+};
+
+template <typename T>
+at::Tensor pack_plain(const at::Tensor& weight, const Plan& P, i64 groups, i64 Csrc_g,
+                      i64 Cdst_g, bool swap, bool dst_major) {
+  PackIndex pi(P, Csrc_g, Cdst_g);
+  at::Tensor packed = at::empty({std::max<i64>(groups * pi.per_group, 1)}, weight.options());
+  View5<T> W(weight);
+  pack_or_unpack<T>(false, W, packed.data_ptr<T>(), P, pi, groups, swap, dst_major);
+  return packed;
 }
 
 // use_brg (float): the patch matrix is built channels-last ([pixels, taps x c_src]) from a
@@ -893,7 +940,7 @@ void mkl_pack_weights(MklPacked& out, const T* packed, const PackIndex& pi, i64 
 template <typename T>
 void conv_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Tensor& bias,
                at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap, int act,
-               double slope, bool use_brg = false) {
+               double slope, bool use_brg, Prepared prep) {
   const i64 N = src_in.size(0), Csrc = src_in.size(1), Cdst = dst.size(1);
   const i64 Csrc_g = Csrc / groups, Cdst_g = Cdst / groups;
   if (dst.numel() == 0) return;
@@ -906,11 +953,12 @@ void conv_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Ten
   const bool mk = brg ? true : channels_last_like(src);
 
   PackIndex pi(P, Csrc_g, Cdst_g);
-  std::unique_ptr<T[]> packed(new T[std::max<i64>(groups * pi.per_group, 1)]);
-  View5<T> W(weight);
-  pack_or_unpack<T>(false, W, packed.get(), P, pi, groups, swap);
-  MklPacked mp;
-  if (!brg) mkl_pack_weights<T>(mp, packed.get(), pi, groups, P.P, mk);
+  if (!prep.packed.defined()) {
+    prep.packed = pack_plain<T>(weight, P, groups, Csrc_g, Cdst_g, swap, false);
+    if (!brg) prep.mkl = mkl_pack_weights<T>(prep.packed.data_ptr<T>(), pi, groups, P.P, mk);
+  }
+  const T* packed = prep.packed.data_ptr<T>();
+  const MklPacked& mp = prep.mkl;
 
   const int nthreads = at::get_num_threads();
   const i64 Kmax = *std::max_element(pi.K.begin(), pi.K.end());
@@ -932,8 +980,8 @@ void conv_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Ten
         if (i64(cols.size()) < Kc * M) cols.resize(Kc * M);
         if (i64(cbuf.size()) < Cdst_g * M) cbuf.resize(Cdst_g * M);
         im2col<T>(X, P, b, Csrc_g, mk, cols.data());
-        const T* wt = packed.get() + pi.at(b.g, p);  // [Kp, Cdst_g]
-        const float* mkl_w = mp.mats.empty() ? nullptr : mp.mats[b.g * P.P + p];
+        const T* wt = packed + pi.at(b.g, p);  // [Kp, Cdst_g]
+        const float* mkl_w = mp.at(b.g * P.P + p);
         if constexpr (std::is_same<T, float>::value) {
           if (brg) {  // C[M, Cdst_g] = cols[M, Kc] x Wt, 32-row tiles
             constexpr i64 MB = 32;
@@ -1104,7 +1152,7 @@ void store_tile(const float* acc, i64 sm, i64 sc, i64 mt, i64 Cg, const View5<fl
 
 void conv_implicit_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Tensor& bias,
                         at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap,
-                        int act, double slope, bool km) {
+                        int act, double slope, bool km, at::Tensor packed_t) {
   const i64 N = src_in.size(0), Csrc = src_in.size(1), Cdst = dst.size(1);
   const i64 Csrc_g = Csrc / groups, Cdst_g = Cdst / groups;
   if (dst.numel() == 0) return;
@@ -1130,9 +1178,8 @@ void conv_implicit_impl(const at::Tensor& src_in, const at::Tensor& weight, cons
   View5<float> Y(dst), Pre(pre);
   const float* bptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
   PackIndex pi(P, Csrc_g, Cdst_g);
-  std::unique_ptr<float[]> packed(new float[std::max<i64>(groups * pi.per_group, 1)]);
-  View5<float> W(weight);
-  pack_or_unpack<float>(false, W, packed.get(), P, pi, groups, swap, km);
+  if (!packed_t.defined()) packed_t = pack_plain<float>(weight, P, groups, Csrc_g, Cdst_g, swap, km);
+  const float* packed = packed_t.data_ptr<float>();
   const brgemm_t brg = blas().brgemm;
   const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
   const i64 MT = km ? std::max<i64>(1, env_int("KSTCONV_BRG_NT", 64))
@@ -1170,7 +1217,7 @@ void conv_implicit_impl(const at::Tensor& src_in, const at::Tensor& weight, cons
         const i64 qb = std::min<i64>(pw.Q, ceil_div(ow1 - pw.dst_off, Aw.s));
         if (qa >= qb) continue;
         const i64 p = (rd * i64(Ah.ph.size()) + rh) * i64(Aw.ph.size()) + rw;
-        const float* wt = packed.get() + pi.at(g, p);
+        const float* wt = packed + pi.at(g, p);
         const i64 Th = ph.T(), Tw = pw.T();
         for (const Cls& cw : P.cls[2][rw]) {
           const i64 c0 = std::max(cw.q0, qa), c1 = std::min(cw.q1, qb);
@@ -2147,45 +2194,96 @@ void check5(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "kstconv: ", name, " must be a CPU tensor");
 }
 
+// The method that conv() runs for these arguments: `method` (0: KSTCONV_METHOD /
+// KSTCONV_DGRAD_METHOD, else the rules), narrowed to what can run (the brgemm methods need
+// float32 and brgemm; method 4 reads the source in place only along a unit-stride w).
+i64 conv_method(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& dst,
+                const std::vector<i64>& plan, i64 groups, bool swap, i64 method) {
+  const Plan P(plan, 0.0);
+  if (method == 0) method = method_override(swap ? "KSTCONV_DGRAD_METHOD" : "KSTCONV_METHOD");
+  if (method == 0) method = choose_conv_method(P, src, dst, weight, groups, swap);
+  const bool brg = src.scalar_type() == at::kFloat && blas().brgemm;
+  if ((method == 3 || method == 4) && brg)
+    return method == 4 && src.stride(4) == 1 && P.ax[2].a == 1 ? 4 : 3;
+  if (method == 6 && swap) return 6;
+  if (method == 5 && brg) return 5;
+  if (method == 2 && !swap) return 2;
+  return 1;
+}
+
+// The weight prepared for `method` (a conv_method result): what conv() would otherwise make on
+// every call. Returned as a list of tensors for the Python cache.
+std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& weight,
+                                    const at::Tensor& dst, const std::vector<i64>& plan,
+                                    i64 groups, bool swap, i64 method) {
+  check5(src, "src"); check5(weight, "weight"); check5(dst, "dst");
+  Prepared prep;
+  if (method == 2 || method == 6) {
+    if (!weight.is_contiguous()) prep.packed = weight.contiguous();
+    return prep.to_list();
+  }
+  const Plan P(plan, 0.0);  // the taps that meet a real input (merging does not change them)
+  const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_pack", [&] {
+    prep.packed = pack_plain<scalar_t>(weight, P, groups, Csrc_g, Cdst_g, swap, method == 4);
+    if (method == 1)
+      prep.mkl = mkl_pack_weights<scalar_t>(prep.packed.data_ptr<scalar_t>(),
+                                            PackIndex(P, Csrc_g, Cdst_g), groups, P.P,
+                                            channels_last_like(src));
+  });
+  return prep.to_list();
+}
+
 // dst/pre are written in place (pre may be undefined). Used for forward (swap=false) and
-// grad_input (swap=true, no bias, no activation).
+// grad_input (swap=true, no bias, no activation). `method`: a conv_method result;
+// `prepared`: pack_weight's result for it, or empty (then the weight is packed here).
 void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
           at::Tensor dst, c10::optional<at::Tensor> pre, const std::vector<i64>& plan, i64 groups,
-          bool swap, i64 act, double slope, double merge_tau, i64 method) {
+          bool swap, i64 act, double slope, double merge_tau, i64 method,
+          const std::vector<at::Tensor>& prepared) {
   check5(src, "src"); check5(weight, "weight"); check5(dst, "dst");
   TORCH_CHECK(groups >= 1 && src.size(1) % groups == 0 && dst.size(1) % groups == 0,
               "kstconv: channels not divisible by groups");
   TORCH_CHECK(src.scalar_type() == dst.scalar_type() && weight.scalar_type() == src.scalar_type(),
               "kstconv: dtype mismatch");
+  TORCH_CHECK(method >= 1 && method <= 6 && method == conv_method(src, weight, dst, plan, groups,
+                                                                  swap, method),
+              "kstconv: method ", method, " cannot run here (ask conv_method)");
   Plan P(plan, merge_tau);
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor pr = pre.has_value() ? *pre : at::Tensor();
-  if (method == 0) method = method_override(swap ? "KSTCONV_DGRAD_METHOD" : "KSTCONV_METHOD");
-  if (method == 0) method = choose_conv_method(P, src, dst, weight, groups, swap);
-  if ((method == 3 || method == 4) && src.scalar_type() == at::kFloat && blas().brgemm) {
+  const Prepared prep = Prepared::from(prepared);
+  for (const at::Tensor& t : prepared)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "kstconv: bad prepared weight");
+  if (prep.packed.defined() && method != 2 && method != 6)
+    TORCH_CHECK(prep.packed.scalar_type() == src.scalar_type(), "kstconv: prepared weight dtype");
+  if (method == 3 || method == 4) {
     // exact classes on d/h; along w merged (MK reads a zero-padded copy) unless KM
-    Plan PE(plan, 0.0, true, double(env_int("KSTCONV_W_TAU_PCT", 15)) / 100.0);
-    const bool km = method == 4 && src.stride(4) == 1 && PE.ax[2].a == 1;
-    if (km) PE = Plan(plan, 0.0);
-    conv_implicit_impl(src, weight, b, dst, pr, PE, groups, swap, int(act), slope, km);
+    const Plan PE = method == 4 ? Plan(plan, 0.0)
+                                : Plan(plan, 0.0, true,
+                                       double(env_int("KSTCONV_W_TAU_PCT", 15)) / 100.0);
+    conv_implicit_impl(src, weight, b, dst, pr, PE, groups, swap, int(act), slope, method == 4,
+                       prep.packed);
     return;
   }
-  if (method == 6 && swap) {
+  // methods 2 and 6 read the weight in its own order: a cached contiguous copy, if any
+  const at::Tensor& w_dense = prep.packed.defined() ? prep.packed : weight;
+  if (method == 6) {
     Plan GI(plan, 1e30, false);  // one class per axis, every tap
     AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_gi_stream", [&] {
-      grad_input_weight_streaming_impl<scalar_t>(src, weight, dst, GI, groups);
+      grad_input_weight_streaming_impl<scalar_t>(src, w_dense, dst, GI, groups);
     });
     return;
   }
-  if (method == 5 && src.scalar_type() == at::kFloat && blas().brgemm) {
-    conv_impl<float>(src, weight, b, dst, pr, P, groups, swap, int(act), slope, true);
+  if (method == 5) {
+    conv_impl<float>(src, weight, b, dst, pr, P, groups, swap, int(act), slope, true, prep);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_conv", [&] {
-    if (method == 2 && !swap)
-      conv_gemm_first_impl<scalar_t>(src, weight, b, dst, pr, P, groups, int(act), slope);
+    if (method == 2)
+      conv_gemm_first_impl<scalar_t>(src, w_dense, b, dst, pr, P, groups, int(act), slope);
     else
-      conv_impl<scalar_t>(src, weight, b, dst, pr, P, groups, swap, int(act), slope);
+      conv_impl<scalar_t>(src, weight, b, dst, pr, P, groups, swap, int(act), slope, false, prep);
   });
 }
 
@@ -2274,6 +2372,8 @@ bool have_blas() { return blas().sgemm != nullptr; }
 }  // namespace kst
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_method", &kst::conv_method, "the method conv() runs for these arguments");
+  m.def("pack_weight", &kst::pack_weight, "the weight prepared for a conv method (cacheable)");
   m.def("conv", &kst::conv, "gather-GEMM-scatter over a phase plan (forward, grad_input)");
   m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient");
   m.def("joint_backward_ok", &kst::joint_backward_ok, "whether the joint backward serves a layer");
