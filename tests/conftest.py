@@ -23,8 +23,19 @@ TOL = {
     torch.float16: (2e-3, 1e-3),
     torch.bfloat16: (1.6e-2, 8e-3),
 }
-# TF32 on a GPU (Triton's default for f32 dots where allowed) is looser.
+# TF32 on a GPU is looser.
 TOL_TF32 = (3e-3, 5e-4)
+
+
+def tolerance(backend: str, dtype):
+    """The tolerance for an engine's result in ``dtype``. The Triton engine on a GPU computes
+    float32 in TF32 exactly where PyTorch's cuDNN convolution may (one rule, the engine's own:
+    triton_engine.fp32_dot_precision), and is then held to TF32's tolerance."""
+    if backend == "triton" and CUDA and dtype == torch.float32:
+        from triton_kstconv.triton_engine import fp32_dot_precision
+        if fp32_dot_precision() == "tf32":
+            return TOL_TF32
+    return TOL[dtype]
 
 NATIVE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 

@@ -5,18 +5,11 @@ import torch
 
 import triton_kstconv as K
 from cases import BY_NAME, CASES, CORE
-from conftest import (CUDA, NATIVE, TOL, TOL_TF32, assert_close, backends, device_for, make_case,
-                      reduction_length, reference)
+from conftest import (NATIVE, assert_close, backends, device_for, make_case, reduction_length,
+                      reference, tolerance)
 
 FN = {1: K.conv_transpose1d, 2: K.conv_transpose2d, 3: K.conv_transpose3d}
 BACKENDS = backends()
-
-
-def _tol(backend, dtype):
-    if backend == "triton" and CUDA and dtype == torch.float32 and \
-            torch.backends.cuda.matmul.allow_tf32:
-        return TOL_TF32
-    return TOL[dtype]
 
 
 def _run(case, backend, dtype, grads=True, seed=0, activation=None, transform=None):
@@ -36,7 +29,7 @@ def _run(case, backend, dtype, grads=True, seed=0, activation=None, transform=No
     leaves = [t.requires_grad_(grads) if t is not None else None for t in (x, w, b)]
     out = FN[case.nd](*leaves, **case.conv, activation=activation, backend=backend)
     assert out.dtype == dtype and out.device.type == torch.device(device).type
-    assert_close(out, ref, dtype, k, _tol(backend, dtype))
+    assert_close(out, ref, dtype, k, tolerance(backend, dtype))
     if not grads:
         return out
     gy = torch.randn(ref.shape, dtype=torch.float64)
@@ -45,10 +38,10 @@ def _run(case, backend, dtype, grads=True, seed=0, activation=None, transform=No
     k_w = max(1, case.N * ref[0, 0].numel())  # grad_weight reduces over batch and space
     assert_close(leaves[0].grad, ref_in[0].grad, dtype,
                  reduction_length(case.c_out, case.groups, case.kernel, (1,) * case.nd),
-                 _tol(backend, dtype))
-    assert_close(leaves[1].grad, ref_in[1].grad, dtype, k_w, _tol(backend, dtype))
+                 tolerance(backend, dtype))
+    assert_close(leaves[1].grad, ref_in[1].grad, dtype, k_w, tolerance(backend, dtype))
     if case.bias:
-        assert_close(leaves[2].grad, ref_in[2].grad, dtype, k_w, _tol(backend, dtype))
+        assert_close(leaves[2].grad, ref_in[2].grad, dtype, k_w, tolerance(backend, dtype))
     return out
 
 
@@ -131,7 +124,7 @@ def test_unbatched(backend):
     out = K.conv_transpose2d(x[0], w, b, **case.conv, backend=backend)
     ref = reference(x[0], w, b, 2, **case.conv)
     assert out.shape == ref.shape == (6, 10, 10)
-    assert_close(out, ref, dtype, 45)
+    assert_close(out, ref, dtype, 45, tolerance(backend, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import triton_kstconv as K
-from conftest import TOL, assert_close, backends, device_for, reduction_length, reference
+from conftest import assert_close, backends, device_for, reduction_length, reference, tolerance
 
 FN = {1: K.conv_transpose1d, 2: K.conv_transpose2d, 3: K.conv_transpose3d}
 
@@ -64,15 +64,16 @@ def _check(cfg, backend):
     out = FN[nd](xs, ws, bs, **cfg["conv"], backend=backend)
     ref = reference(xr, wr, br, nd, **cfg["conv"])
     k = reduction_length(cfg["c_in"], cfg["groups"], cfg["kernel"], cfg["conv"]["stride"])
-    assert_close(out, ref, dtype, k, TOL[dtype])
+    tol = tolerance(backend, dtype)
+    assert_close(out, ref, dtype, k, tol)
     gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     out.backward(gy.to(dtype).to(dev))
     ref.backward(gy)
     assert_close(xs.grad, xr.grad, dtype, reduction_length(cfg["c_out"], cfg["groups"],
-                                                           cfg["kernel"], [1] * nd))
-    assert_close(ws.grad, wr.grad, dtype, max(1, ref.numel() // max(1, cfg["c_out"])))
+                                                           cfg["kernel"], [1] * nd), tol)
+    assert_close(ws.grad, wr.grad, dtype, max(1, ref.numel() // max(1, cfg["c_out"])), tol)
     if bs is not None:
-        assert_close(bs.grad, br.grad, dtype, max(1, ref.numel() // max(1, cfg["c_out"])))
+        assert_close(bs.grad, br.grad, dtype, max(1, ref.numel() // max(1, cfg["c_out"])), tol)
 
 
 @given(cfg=configs())
