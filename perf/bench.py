@@ -71,6 +71,11 @@ def main(argv=None):
           flush=True)
     results = runner.run_suite(suite, device, dtypes, modes, args.impls, rounds, peak)
     summary = runner.summarize(results, args.impls)
+    for key, s in summary.items():
+        if s.get("max_frac_peak") and s["max_frac_peak"][1] > 1.0:
+            print(f"# WARNING {key}: {s['max_frac_peak'][0]} runs at "
+                  f"{100 * s['max_frac_peak'][1]:.0f} % of the measured matmul peak: the peak "
+                  "measurement is off (was the machine busy?)", flush=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     prefix = args.out or os.path.join(os.path.dirname(__file__), "results",
                                       f"{device}-{'full' if args.full else 'quick'}-{stamp}")

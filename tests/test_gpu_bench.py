@@ -1,0 +1,43 @@
+"""The GPU benchmark's machinery, run on the CPU (its CUDA-only measurements, graphs and
+memory, report None there): rows reach the file as they are measured, errors are checked, and
+the report reads them back."""
+import json
+
+from perf import gpu_bench
+from perf.layers import Layer
+
+
+def test_rows_are_written_as_measured_and_reported(tmp_path):
+    layer = Layer("test", "8-4@6 k4s2p1", 2, 8, 4, (6, 6), 4, 2, 1)
+    path = tmp_path / "rows.jsonl"
+    written = []
+
+    def write(row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        written.append(row)
+
+    for mode in gpu_bench.MODES:
+        gpu_bench.measure_layer(layer, "cpu", "float32", mode,
+                                ("ours", "ours_cl", "cudnn", "zero_insertion"), None, 1, write)
+    assert len(written) == 8 and len(path.read_text().splitlines()) == 8
+    for row in written:
+        assert "error" not in row, row
+        assert row["ok"] and row["err"] < 1e-5 and row["eager_ms"] > 0, row
+        assert row["graph_ms"] is None and row["peak_mb"] is None   # CUDA only
+    with open(tmp_path / "meta-float32.json", "w") as f:
+        json.dump(gpu_bench.metadata("cpu"), f)
+    gpu_bench.report(str(tmp_path))
+    summary = json.load(open(tmp_path / "gpu.json"))["summary"]
+    assert summary["float32/forward"]["eager_ms"]["layers"] == 1
+    assert "| test/8-4@6 k4s2p1 |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_a_failing_implementation_is_recorded_not_fatal(tmp_path, monkeypatch):
+    layer = Layer("test", "4-4@3 k2s2", 1, 4, 4, (3, 3), 2, 2)
+    rows = []
+    broken = lambda x, w, b, **kw: (_ for _ in ()).throw(RuntimeError("boom"))  # noqa: E731
+    gpu_bench.measure_layer(layer, "cpu", "float32", "forward", ("cudnn", "flaggems"), broken,
+                            1, rows.append)
+    by = {r["impl"]: r for r in rows}
+    assert "boom" in by["flaggems"]["error"] and by["cudnn"]["ok"]
