@@ -28,6 +28,20 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _cpu_vector_isa() -> str:
+    """The widest x86 vector extension the processor reports (results differ by it: oneDNN's
+    and our brgemm paths use AVX-512 where present)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return "?"
+    for isa in ("avx512f", "avx2", "sse4_2"):
+        if isa in flags:
+            return isa
+    return "?"
+
+
 def metadata(device: str) -> dict:
     try:
         import triton
@@ -39,6 +53,7 @@ def metadata(device: str) -> dict:
         "device": device, "device_name": name, "torch": torch.__version__,
         "triton": triton_version, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "cpu_isa": _cpu_vector_isa() if device == "cpu" else None,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_",
                                                        "MALLOC_TRIM_THRESHOLD_")},
@@ -261,7 +276,7 @@ def markdown(results, summary, meta) -> str:
     lines = [f"# triton_kstconv vs PyTorch vs zero insertion — {meta['device_name']}",
              "",
              f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"{meta['threads']} threads, allocator {meta['malloc_env']}, matmul peak "
+             f"{meta['threads']} threads, vector ISA {meta.get('cpu_isa')}, allocator {meta['malloc_env']}, matmul peak "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta.get("peak_gflops", {}).items()),
              "", "Times are medians of interleaved rounds, in ms. ×native and ×zero-ins. are "
              "speedups of ours (higher is better); GF/s counts only useful multiply-adds.", ""]

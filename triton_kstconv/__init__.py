@@ -8,10 +8,11 @@ from .functional import conv_transpose1d, conv_transpose2d, conv_transpose3d, re
 from .geometry import ConvArgumentError
 from .modules import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, convert
 from .reference import conv_transpose_zero_insertion
+from .weight_cache import clear as clear_weight_cache
 
 __all__ = [
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "ConvTranspose1d",
     "ConvTranspose2d", "ConvTranspose3d", "convert", "conv_transpose_zero_insertion",
-    "ConvArgumentError", "resolve_backend",
+    "ConvArgumentError", "resolve_backend", "clear_weight_cache",
 ]
 __version__ = "0.1.0"
