@@ -199,12 +199,13 @@ def shape_key(kind: str, dtype: torch.dtype, c_src_g: int, c_dst_g: int, taps: i
 
 def heuristic_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype) -> dict:
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        return cfg if kind == "wgrad" else dict(cfg, GROUP_M=1)
     wide = dtype in (torch.float16, torch.bfloat16)
     if kind == "wgrad":
         bm = 64 if c_dst_g > 32 else 32
         return dict(BLOCK_M=bm, BLOCK_N=64 if c_src_g >= 64 else 32, BLOCK_K=64 if wide else 32,
-                    GROUP_M=1, num_warps=4, num_stages=3)
+                    num_warps=4, num_stages=3)
     bn = max(16, min(128, _next_pow2(c_dst_g)))
     bm = 128 if m >= 4096 else 64
     bk = max(16, min(64 if wide else 32, _next_pow2(c_src_g)))

@@ -24,7 +24,7 @@ import triton.language as tl
 
 # Activation codes: keep in sync with epilogue.CODES.
 ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_TANH, ACT_SIGMOID = range(8)
-PHASE_FIELDS: tl.constexpr = 16  # Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF J0d J0h J0w
+PHASE_FIELDS = tl.constexpr(16)  # Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF J0d J0h J0w
 
 
 @triton.jit
