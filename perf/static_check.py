@@ -51,19 +51,20 @@ def _as_h100(precision, autotune: bool):
     """The library's host code as it runs on an H100: its device name and SM count, float32
     precision as PyTorch's flags say, autotuning on or off."""
     import torch
+    from triton_kstconv import triton_config as cfgs
     from triton_kstconv import triton_engine as te
-    saved = (te.device_name, te._sm_count, os.environ.get("KSTCONV_AUTOTUNE"))
+    saved = (cfgs.device_name, cfgs.sm_count, os.environ.get("KSTCONV_AUTOTUNE"))
     conv = torch.backends.cudnn.conv
     saved_prec = conv.fp32_precision
-    te.device_name = lambda device: H100["name"]
-    te._sm_count = lambda device: H100["sms"]
+    cfgs.device_name = lambda device: H100["name"]
+    cfgs.sm_count = lambda device: H100["sms"]
     os.environ["KSTCONV_AUTOTUNE"] = "1" if autotune else "0"
     if precision:
         conv.fp32_precision = precision
     try:
         yield te
     finally:
-        te.device_name, te._sm_count = saved[0], saved[1]
+        cfgs.device_name, cfgs.sm_count = saved[0], saved[1]
         if saved[2] is None:
             os.environ.pop("KSTCONV_AUTOTUNE", None)
         else:
@@ -104,13 +105,14 @@ def capture(layer, dtype_key, channels_last, passes=("fwd", "dgrad", "wgrad"), s
             start = len(rec)
             calls[kind]()
             for kernel, grid, args, kwargs in rec[start:]:
-                out += _expand(te, kind, kernel, args, kwargs, space)
+                out += _expand(kind, kernel, args, kwargs, space)
     base = dict(layer=layer.key, dtype=dtype_key, layout="cl" if channels_last else "nchw")
     return [(dict(base, **label), k, a, kw) for label, k, a, kw in out]
 
 
-def _expand(te, kind, kernel, args, kwargs, space):
+def _expand(kind, kernel, args, kwargs, space):
     """One (label, JITFunction, args, kwargs) per config the launch may run with."""
+    from triton_kstconv import triton_config as cfgs
     autotuner = hasattr(kernel, "configs")
     fn = kernel.fn if autotuner else kernel           # the JITFunction
     name = fn.__name__
@@ -121,11 +123,12 @@ def _expand(te, kind, kernel, args, kwargs, space):
         return [(dict(kernel=name, pass_=kind, config=_cfg_name(cfg)), fn, args, kwargs)]
     named = dict(zip(fn.arg_names, args))
     if space:
-        configs = te._prune(tuned_kind)(kernel.configs, named)
+        configs = cfgs.prune(tuned_kind)(kernel.configs, named)
     else:
         m = named.get("M_MAX", 0)
-        h = te.heuristic_config(tuned_kind, m, named.get("C_src_g", named.get("C_in_g")),
-                                named.get("C_dst_g", named.get("C_out_g")), _dtype_of(named))
+        h = cfgs.heuristic_config(tuned_kind, m, named["C_SRC"],
+                                  named.get("C_dst_g", named.get("C_out_g")), _dtype_of(named),
+                                  named["key_layout"])
         configs = [_as_config(h)]
     out = []
     for c in configs:
@@ -426,6 +429,23 @@ def markdown(report, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def selftest() -> int:
+    """The check must see what it claims to: a tile below wgmma's 64 rows (mma.sync), and one
+    too big for the registers (spills)."""
+    from perf import layers as L
+    layer = next(x for x in L.SUITE if x.key == "dcgan/256-128@8 k4s2p1")
+    label, fn, args, kwargs = next(j for j in capture(layer, "bf16", True, passes=("fwd",))
+                                   if j[0]["kernel"] == "conv_phase_kernel")
+    label = dict(label, cap=90)
+    small = compile_and_read(fn, args, dict(kwargs, BLOCK_M=32, BLOCK_N=32, num_warps=4), 90)
+    big = compile_and_read(fn, args, dict(kwargs, BLOCK_M=256, BLOCK_N=256, num_warps=4), 90)
+    ok = ({d["mma"] for d in small["dots"]} == {"mma.sync"} and
+          any("no wgmma" in p for p in verdict(label, small)) and big["spills"] > 0 and
+          any("spills" in p for p in verdict(label, big)))
+    print("selftest ok" if ok else f"selftest FAILED: {small} {big}", flush=True)
+    return 0 if ok else 1
+
+
 CI_LAYERS = ["dcgan/256-128@8 k4s2p1", "unet/256-128@64 k2s2", "fsrcnn/56-1@64 k9s3p4op2"]
 
 
@@ -440,6 +460,9 @@ def parse_args(argv=None):
     ap.add_argument("--passes", nargs="*", default=["fwd", "dgrad", "wgrad"])
     ap.add_argument("--ci", action="store_true",
                     help=f"the test subset: {CI_LAYERS}, bf16 and tf32, sm_90, heuristic")
+    ap.add_argument("--selftest", action="store_true",
+                    help="compile two variants that must fail (BLOCK_M 32: no wgmma; a 256 x 256 "
+                         "tile on 4 warps: spills) and check that the verdicts say so")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=None, help="results path prefix")
     return ap.parse_args(argv)
@@ -450,6 +473,8 @@ def main(argv=None):
     args = parse_args(argv)
     import triton
     from perf import layers as L
+    if args.selftest:
+        return selftest()
     if args.ci:
         args.layers, args.dtypes, args.caps = CI_LAYERS, ["bf16", "tf32"], [90]
     layers = L.select(args.layers, quick=not args.full)

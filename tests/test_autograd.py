@@ -98,7 +98,7 @@ def test_compile_fullgraph_forward_and_backward(joint, monkeypatch):
     calls = []
     real = cpp_engine.joint_backward
     monkeypatch.setattr(cpp_engine, "joint_backward",
-                        lambda *a: calls.append(real(*a)) or calls[-1])
+                        lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     compiled = torch.compile(model, fullgraph=True)
     # compile afresh: a cached graph from an older checkout would test old code
     with torch._inductor.config.patch(force_disable_caches=True):

@@ -1,7 +1,9 @@
 """Device work per call, counted (tests/device_work.py) in Triton's interpreter: the budget of
-the Triton engine. Inference with an unchanged weight is one launch and nothing else; a training
-step after a weight update (forward + backward) at most 6 device kernels (7 with a split
-grad_weight reduction); never a host<->device copy once a geometry has run."""
+the Triton engine. Inference with an unchanged weight is one launch and nothing else when the
+input is in the kernel layout (channels-last, channels a multiple of 16), two otherwise (the
+layout pass); a training step after a weight update (forward + backward) at most 5 device
+kernels (6 with a split grad_weight reduction), in either layout; never a host<->device copy
+once a geometry has run."""
 import pytest
 import torch
 
@@ -15,11 +17,11 @@ pytestmark = pytest.mark.skipif("triton" not in backends() or CUDA,
 
 FN = {1: K.conv_transpose1d, 2: K.conv_transpose2d, 3: K.conv_transpose3d}
 LAYERS = {  # name: (nd, c_in, c_out, size, kernel, conv)
-    "1d_k16s8p4": (1, 4, 6, 5, 16, dict(stride=8, padding=4)),
-    "2d_k4s2p1": (2, 4, 6, 4, 4, dict(stride=2, padding=1)),
-    "2d_k3s2p1op1_groups2": (2, 4, 6, 4, 3, dict(stride=2, padding=1, output_padding=1,
-                                                  groups=2)),
-    "3d_k2s2": (3, 4, 6, 3, 2, dict(stride=2)),
+    "1d_k16s8p4": (1, 16, 16, 5, 16, dict(stride=8, padding=4)),
+    "2d_k4s2p1": (2, 16, 32, 4, 4, dict(stride=2, padding=1)),
+    "2d_k3s2p1op1_groups2": (2, 32, 32, 4, 3, dict(stride=2, padding=1, output_padding=1,
+                                                    groups=2)),
+    "3d_k2s2": (3, 16, 16, 3, 2, dict(stride=2)),
 }
 
 
@@ -28,33 +30,50 @@ def _no_poison(monkeypatch):
     monkeypatch.setenv("KSTCONV_POISON", "0")   # NaN fills are test-only work, not counted
 
 
-def _layer(name, batch=2):
+def _kernel_layout(t):
+    """t with its channels last (any number of spatial axes), as the kernels read it."""
+    perm = [0, *range(2, t.dim()), 1]
+    inv = [0, t.dim() - 1, *range(1, t.dim() - 1)]
+    return t.permute(perm).contiguous().permute(inv)
+
+
+def _layer(name, layout="nchw", batch=2):
     nd, c_in, c_out, size, k, conv = LAYERS[name]
     g = conv.get("groups", 1)
-    x = torch.randn(batch, c_in, *([size] * nd), requires_grad=True)
+    x = torch.randn(batch, c_in, *([size] * nd))
+    x = (_kernel_layout(x) if layout == "kernel" else x).requires_grad_()
     w = torch.randn(c_in, c_out // g, *([k] * nd), requires_grad=True)
     b = torch.randn(c_out, requires_grad=True)
     return (lambda: FN[nd](x, w, b, **conv, backend="triton")), x, w, b
 
 
+@pytest.mark.parametrize("layout", ["kernel", "nchw"])
 @pytest.mark.parametrize("name", LAYERS)
-def test_inference_is_one_launch(name):
-    call, x, w, b = _layer(name)
+def test_inference_launches(name, layout):
+    call, x, w, b = _layer(name, layout)
+    assert triton_engine.in_kernel_layout(x, x.shape[1] // LAYERS[name][5].get("groups", 1)) \
+        == (layout == "kernel")
     with torch.no_grad():
         call()                                   # first call: packs, builds the phase table
         with count_device_work() as work:
             call()
-    assert work.launches == {"conv_phase_kernel": 1}, work
-    assert work.kernels == 1 and work.host_copies == 0, work
+    expected = {"conv_phase_kernel": 1} if layout == "kernel" else \
+        {"prepare_kernel": 1, "conv_phase_kernel": 1}
+    assert work.launches == expected, work
+    assert work.kernels == len(expected) and work.host_copies == 0, work
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one_slice", "split_reduction"])
-@pytest.mark.parametrize("name", LAYERS)
-def test_training_step_budget(name, split, monkeypatch):
+@pytest.mark.parametrize("name,layout,split",
+                         [(n, lay, False) for n in LAYERS for lay in ("kernel", "nchw")]
+                         + [("2d_k4s2p1", lay, True) for lay in ("kernel", "nchw")])
+def test_training_step_budget(name, layout, split, monkeypatch):
     if split:
         monkeypatch.setattr(triton_engine, "wgrad_splits", lambda *a: 3)
-    call, x, w, b = _layer(name, batch=8 if split else 2)   # 8: enough pixels to split
+        monkeypatch.setattr(triton_engine, "WGRAD_SPLIT_ALIGN", 16)
+    call, x, w, b = _layer(name, layout)
     gy = torch.randn_like(call())
+    if layout == "kernel":
+        gy = _kernel_layout(gy)
     call().backward(gy)                          # a first step: tables exist from now on
     for t in (x, w, b):
         t.grad = None
@@ -62,24 +81,43 @@ def test_training_step_budget(name, split, monkeypatch):
         w.add_(0.01)                             # an optimizer step: the weight changed
     with count_device_work() as work:
         call().backward(gy)
-    # pack (fwd + dgrad in one launch), forward, grad_input, grad_weight (+ its split sum),
-    # grad_bias (one reduction)
-    assert work.launches["pack_weight_kernel"] == 1, work
+    # prepare (weight packed for the forward and grad_input, input put in the kernel layout),
+    # forward, grad_input, grad_weight (+ its split sum), grad_bias (a sum, or the layout
+    # pass of grad_out sums it and grad_weight's launch adds the partial sums up)
+    assert work.launches["prepare_kernel"] == (1 if layout == "kernel" else 2), work
     assert work.launches["sum_splits_kernel"] == (1 if split else 0), work
     assert work.kernels <= (6 if split else 5), work
     assert work.host_copies == 0, work
     assert x.grad is not None and w.grad is not None and b.grad is not None
 
 
+def test_split_forward_is_two_launches():
+    # a deep reduction split over the source channels (in blocks of 64): GEMM + epilogue
+    x = _kernel_layout(torch.randn(2, 192, 3, 3))
+    w = torch.randn(192, 16, 4, 4) / 40
+    b = torch.randn(16)
+    triton_engine._SPLIT_OVERRIDE.append(3)
+    try:
+        with torch.no_grad():
+            K.conv_transpose2d(x, w, b, stride=2, padding=1, backend="triton")
+            with count_device_work() as work:
+                y = K.conv_transpose2d(x, w, b, stride=2, padding=1, backend="triton")
+    finally:
+        triton_engine._SPLIT_OVERRIDE.pop()
+    assert work.launches == {"conv_phase_kernel": 1, "split_epilogue_kernel": 1}, work
+    torch.testing.assert_close(y, torch.nn.functional.conv_transpose2d(
+        x, w, b, stride=2, padding=1), rtol=1e-4, atol=1e-4)
+
+
 def test_a_pass_that_records_a_graph_packs_afresh():
     # gradcheck perturbs weights through .data, which leaves the version counter alone: a pass
     # whose gradient may be taken never takes a packed weight from an earlier call
-    call, x, w, b = _layer("2d_k4s2p1")
+    call, x, w, b = _layer("2d_k4s2p1", "kernel")
     y0 = call()
     w.data.add_(1.0)
     with count_device_work() as work:
         y1 = call()
-    assert work.launches["pack_weight_kernel"] == 1, work
+    assert work.launches["prepare_kernel"] == 1, work
     assert not torch.allclose(y0, y1)
 
 

@@ -19,6 +19,13 @@ def empty(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.
     return out
 
 
+def empty_strided(shape, strides, dtype, device) -> torch.Tensor:
+    out = torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device)
+    if poisoned():
+        out.fill_(float("nan"))
+    return out
+
+
 def output_memory_format(ndim: int, *tensors) -> torch.memory_format:
     """PyTorch's rule for convolutions: channels-last output if the input or the weight is."""
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(ndim)

@@ -190,7 +190,7 @@ def _joint_geo(geom: Geometry) -> list[int]:
 
 
 def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geom: Geometry,
-                   need_dx: bool, need_dw: bool, need_db: bool):
+                   need_dx: bool, need_dw: bool, need_db: bool, state=None):
     """grad_input, grad_weight and grad_bias (None where not needed) in one pass over grad_out,
     or None where the engine's joint path does not serve the layer (the caller then runs the
     separate passes)."""

@@ -107,22 +107,25 @@ def _backward(ctx, grad_out, grad_pre, differentiable: bool):
         dx, dw, db = conv_transpose_backward(grad, x, weight, *ctx.conv, ctx.backend, need)
     else:
         dx, dw, db = _backward_impl(grad, x, weight, ctx.conv, ctx.backend, need,
-                                    getattr(ctx, "state", None))
+                                    getattr(ctx, "state", None), exact_layout=False)
     return tuple(t if wanted else None for t, wanted in zip((dx, dw, db), need))
 
 
-def _backward_impl(grad, x, weight, conv, backend, need, state=None):
+def _backward_impl(grad, x, weight, conv, backend, need, state=None, exact_layout=True):
     """grad_input, grad_weight, grad_bias (None where not needed): in one pass over grad_out
     where the engine has a joint backward for the layer, else in separate passes. ``state``:
-    what the forward left for its backward (see _forward_impl), if any."""
+    what the forward left for its backward (see _forward_impl), if any. ``exact_layout``:
+    grad_input in PyTorch's layout rule (what the registered op's fake declares); else the
+    engine's choice stands (the input's own strides, so that autograd takes it uncopied)."""
     joint = getattr(engine(backend), "joint_backward", None)
     if joint is not None and (need[0] or need[1]):
-        got = joint(grad, x, weight, geometry_of(x.shape[2:], weight.shape[2:], *conv), *need)
+        got = joint(grad, x, weight, geometry_of(x.shape[2:], weight.shape[2:], *conv), *need,
+                    state=state)
         if got is not None:
             dx, dw, db = got
-            fmt = output_memory_format(x.dim() - 2, grad, weight)
-            return (dx.contiguous(memory_format=fmt) if dx is not None else None,
-                    dw.contiguous() if dw is not None else None, db)
+            if dx is not None and exact_layout:
+                dx = dx.contiguous(memory_format=output_memory_format(x.dim() - 2, grad, weight))
+            return dx, dw.contiguous() if dw is not None else None, db
     dx = _grad_input_impl(grad, weight, list(x.shape[2:]), conv, backend, state) \
         if need[0] else None
     dw = _grad_weight_impl(x, grad, list(weight.shape), conv, backend) if need[1] else None

@@ -1,34 +1,42 @@
-"""The Triton engine, host side: per-phase tables, weight packing, kernel configuration
-(autotuned, from the shipped tuning table, or a heuristic) and the launches for forward,
-grad_input and grad_weight. The kernels themselves are in triton_kernels.py.
+"""The Triton engine, host side: per-phase tables, the kernel layout of sources, weight packing,
+and the launches of forward, grad_input, grad_weight and the joint backward. The kernels are in
+triton_kernels.py, their configuration in triton_config.py.
 
-Configuration, in order: a shape key found in ``tuned/*.json`` (written by
-``perf/autotune.py``) uses its config with no tuning; ``TRITON_INTERPRET=1`` runs one small
-fixed config (CPU tensors); else Triton's autotuner runs once per key (bucketed channels, taps,
-dtype and layout, never batch or spatial size) and caches the result on disk;
-``KSTCONV_AUTOTUNE=0`` skips tuning for a heuristic config (no start-up latency).
+Launches per call (asserted by tests/test_device_work.py):
+
+* forward, weight unchanged, source already in the kernel layout: 1 (the GEMM), 2 where the
+  reduction is split over the source channels (too few tiles to fill the GPU), + 1 to put a
+  source in the kernel layout (NCHW input, or channels not a multiple of 16);
+* training: the forward adds one launch that packs the weight for the forward and grad_input
+  (and converts the input, same launch); the backward is grad_input + grad_weight (+1 to sum
+  a split pixel reduction), with grad_out's layout pass, which also sums grad_bias, or one sum.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob
-import inspect
-import json
 import math
-import os
 
 import torch
 
 from . import buffers, weight_cache
+from . import triton_config as cfgs
 from .epilogue import Activation
 from .geometry import Geometry
 
-_TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+# Configuration API, re-exported (perf/autotune.py, perf/static_check.py, the tests)
+interpreting = cfgs.interpreting
+fp32_dot_precision = cfgs.fp32_dot_precision
+cudnn_conv_tf32 = cfgs.cudnn_conv_tf32
+forced_config = cfgs.forced_config
+config_log = cfgs.config_log
+tuned_table = cfgs.tuned_table
+heuristic_config = cfgs.heuristic_config
+shape_key = cfgs.shape_key
+device_name = cfgs.device_name
+config_space = cfgs.config_space
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+ALIGN = 16          # source channels per group are padded to a multiple of this many elements
 
 
 def load():
@@ -38,25 +46,46 @@ def load():
     return True
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad(c: int) -> int:
+    return triton_cdiv(c, ALIGN) * ALIGN
+
+
 # ------------------------------------------------------------------------------------ tables
 def _pad3(items, unit):
     return [unit] * (3 - len(items)) + list(items)
 
 
-_UNIT_AXIS = dict(L=1, A=1, S=1, STEP=0, JS=1, phases=[(1, 1, 0, 0, 0)])
+_UNIT_AXIS = dict(L=1, A=1, S=1, STEP=0, JS=1, phases=[(1, 1, 0, 0, 0, 0, 1)])
+
+
+def _window(q: int, taps: int, off0: int, step: int, a: int, length: int):
+    """The taps t in [0, taps) whose source a * q' + off0 + t * step lies in [0, length) for
+    some q' in [0, q): a range, because the source is monotone in t."""
+    hits = [t for t in range(taps)
+            if q > 0 and min(off0 + t * step, a * (q - 1) + off0 + t * step) < length
+            and max(off0 + t * step, a * (q - 1) + off0 + t * step) >= 0]
+    return (hits[0], hits[-1] + 1) if hits else (0, 0)
 
 
 @functools.lru_cache(maxsize=256)
 def _forward_plan(geom: Geometry):
-    """Per-axis scalars and phases (Q, T, OFF, R, J0) of a forward pass (cached per geometry)."""
+    """Per-axis scalars and phases (Q, T, OFF, R, J0, TV0, TV1) of a forward pass."""
     axes = []
     for a in range(geom.ndim):
-        phs = geom.axis_phases(a)
         s, d = geom.stride[a], geom.dilation[a]
-        axes.append(dict(L=geom.in_size[a], A=1, S=s, STEP=-(d // math.gcd(s, d)),
-                         JS=s // math.gcd(s, d),
-                         phases=[(ph.num_out, ph.num_taps, ph.offsets[0] if ph.num_taps else 0,
-                                  ph.residue, ph.taps[0] if ph.num_taps else 0) for ph in phs]))
+        step = -(d // math.gcd(s, d))
+        phases = []
+        for ph in geom.axis_phases(a):
+            off = ph.offsets[0] if ph.num_taps else 0
+            phases.append((ph.num_out, ph.num_taps, off, ph.residue,
+                           ph.taps[0] if ph.num_taps else 0,
+                           *_window(ph.num_out, ph.num_taps, off, step, 1, geom.in_size[a])))
+        axes.append(dict(L=geom.in_size[a], A=1, S=s, STEP=step, JS=s // math.gcd(s, d),
+                         phases=phases))
     return _pad3(axes, _UNIT_AXIS)
 
 
@@ -64,22 +93,24 @@ def _forward_plan(geom: Geometry):
 def _grad_input_plan(geom: Geometry):
     axes = []
     for a in range(geom.ndim):
-        axes.append(dict(L=geom.out_size[a], A=geom.stride[a], S=1, STEP=geom.dilation[a], JS=1,
-                         phases=[(geom.in_size[a], geom.kernel[a], -geom.padding[a], 0, 0)]))
+        k, s, d, p = geom.kernel[a], geom.stride[a], geom.dilation[a], geom.padding[a]
+        axes.append(dict(L=geom.out_size[a], A=s, S=1, STEP=d, JS=1, phases=[
+            (geom.in_size[a], k, -p, 0, 0, *_window(geom.in_size[a], k, -p, d, s,
+                                                     geom.out_size[a]))]))
     return _pad3(axes, _UNIT_AXIS)
 
 
 def phase_table(axes, c_dst_g: int):
-    """Rows of triton_kernels.PHASE_FIELDS ints: Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF
-    J0d J0h J0w, phases in row-major (d, h, w) residue order (the order of
-    geometry.Geometry.phases and of the packed weight). WOFF, the offset of the phase's block
-    in a group of the packed weight, is in units of C_src_g."""
+    """Rows of triton_kernels.PHASE_FIELDS ints (see there), phases in row-major (d, h, w)
+    residue order (the order of geometry.Geometry.phases and of the packed weight). WOFF, the
+    offset of the phase's block in a group of the packed weight, is in units of C_SRC."""
     rows, woff = [], 0
     for pd in axes[0]["phases"]:
         for ph in axes[1]["phases"]:
             for pw in axes[2]["phases"]:
                 rows.append([pd[0], ph[0], pw[0], pd[1], ph[1], pw[1], pd[2], ph[2], pw[2],
-                             pd[3], ph[3], pw[3], woff, pd[4], ph[4], pw[4]])
+                             pd[3], ph[3], pw[3], woff, pd[4], ph[4], pw[4],
+                             pd[5], ph[5], pw[5], pd[6], ph[6], pw[6]])
                 woff += c_dst_g * pd[1] * ph[1] * pw[1]
     return rows
 
@@ -98,254 +129,7 @@ def _table(rows, device):
     return _table_tensor(tuple(tuple(r) for r in rows), str(device))
 
 
-# ---------------------------------------------------------------------------- weight packing
-def _pack(weight: torch.Tensor, geom: Geometry, parts) -> dict:
-    """The packed weights ``parts`` ("fwd" and/or "dgrad"), reused while the weight is
-    unchanged (weight_cache), else made in ONE launch (_pack_now)."""
-    key = ("triton", tuple(weight.shape), geom.kernel, geom.stride, geom.padding,
-           geom.dilation, geom.groups)
-    return weight_cache.packed(weight, key, parts, lambda missing: _pack_now(weight, geom,
-                                                                             missing))
-
-
-def _pack_now(weight, geom, parts):
-    """The packed weights ``parts`` in one launch of pack_weight_kernel."""
-    from . import triton_kernels as tk
-    g = geom.groups
-    out = {p: buffers.empty((g, weight.numel() // g), weight.dtype, weight.device)
-           for p in parts}
-    if weight.numel() == 0:
-        return out
-    c_in, c_out_g = weight.shape[:2]
-    axes = _forward_plan(geom)
-    table = _table(phase_table(axes, c_out_g), weight.device)
-    ks, ss = _sizes3(geom.kernel), _sizes3(geom.stride)
-    ds, ps = _sizes3(geom.dilation), [0] * (3 - geom.ndim) + list(geom.padding)
-    block = 1024
-    fwd, dgrad = out.get("fwd"), out.get("dgrad")
-    launch(tk.pack_weight_kernel, (triton_cdiv(weight.numel(), block),),
-           weight, fwd if fwd is not None else weight, dgrad if dgrad is not None else weight,
-           table, weight.numel(), c_in // g, c_out_g, *ks, *ss, *ds, *ps,
-           *[a["JS"] for a in axes], *_strides5(weight),
-           PACK_FWD=fwd is not None, PACK_DGRAD=dgrad is not None, BLOCK=block)
-    return out
-
-
-# ---------------------------------------------------------------------------- configuration
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v - 1).bit_length())
-
-
-def _bucket(v: int) -> int:
-    return min(_next_pow2(max(1, v)), 1024)
-
-
-def _layout_code(t: torch.Tensor) -> int:
-    return 1 if t.dim() >= 4 and t.stride(1) == 1 and t.shape[1] > 1 else 0
-
-
-def cudnn_conv_tf32() -> bool:
-    """Whether PyTorch lets cuDNN run float32 convolutions in TF32: ``torch.backends.cudnn.conv
-    .fp32_precision`` (inherited from ``cudnn.fp32_precision``, then ``torch.backends
-    .fp32_precision``, where "none"), or the legacy ``torch.backends.cudnn.allow_tf32``
-    (default True) where the new flags do not exist. Read through the new flags first, because
-    the legacy getter raises when a program set conv and RNN flags apart."""
-    cudnn = torch.backends.cudnn
-    conv = getattr(cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        for value in (conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"),
-                      getattr(torch.backends, "fp32_precision", "none")):
-            if value != "none":
-                return value == "tf32"
-        return False
-    return bool(cudnn.allow_tf32)
-
-
-def fp32_dot_precision() -> str:
-    """The one rule for float32 products on the GPU, used by the engine and its tests alike:
-    TF32 exactly where PyTorch's own transposed convolution (cuDNN) may use it."""
-    return "tf32" if cudnn_conv_tf32() else "ieee"
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not interpreting():
-        return fp32_dot_precision()
-    return "ieee"
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("KSTCONV_AUTOTUNE", "1") != "0" and not interpreting()
-
-
-@functools.lru_cache(maxsize=1)
-def tuned_table() -> dict:
-    """Configs chosen by perf/autotune.py for known shape keys (skips tuning at run time):
-    every ``tuned/*.json`` shipped with the package, then ``KSTCONV_TUNED_TABLE`` if set."""
-    paths = sorted(glob.glob(os.path.join(_TUNED_DIR, "*.json")))
-    if os.environ.get("KSTCONV_TUNED_TABLE"):
-        paths.append(os.environ["KSTCONV_TUNED_TABLE"])
-    table = {}
-    for path in paths:
-        with open(path) as f:
-            table.update(json.load(f).get("configs", {}))
-    return table
-
-
-def shape_key(kind: str, dtype: torch.dtype, c_src_g: int, c_dst_g: int, taps: int,
-              layout: int, device_name: str = "") -> str:
-    return f"{kind}|{str(dtype).replace('torch.', '')}|cin{_bucket(c_src_g)}|cout" \
-           f"{_bucket(c_dst_g)}|taps{taps}|cl{layout}|{device_name}"
-
-
-def heuristic_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype) -> dict:
-    if interpreting():
-        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-        return cfg if kind == "wgrad" else dict(cfg, GROUP_M=1)
-    wide = dtype in (torch.float16, torch.bfloat16)
-    if kind == "wgrad":
-        bm = 64 if c_dst_g > 32 else 32
-        return dict(BLOCK_M=bm, BLOCK_N=64 if c_src_g >= 64 else 32, BLOCK_K=64 if wide else 32,
-                    num_warps=4, num_stages=3)
-    bn = max(16, min(128, _next_pow2(c_dst_g)))
-    bm = 128 if m >= 4096 else 64
-    bk = max(16, min(64 if wide else 32, _next_pow2(c_src_g)))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
-
-
-def config_space(kind: str):
-    """The autotune space (pruned per problem by _prune): tile shapes, pipeline depth and tile
-    order; the warp count follows the tile size (4 up to 64 x 128, else 8)."""
-    import triton
-    out = []
-    for bm in (64, 128, 256) if kind != "wgrad" else (32, 64, 128):
-        for bn in (32, 64, 128, 256):
-            if bm * bn > 128 * 256:
-                continue
-            warps = 4 if bm * bn <= 64 * 128 else 8
-            for bk in (32, 64):
-                for stages in (3, 4):
-                    for group_m in ((1, 8) if kind != "wgrad" else (None,)):
-                        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                        if group_m is not None:
-                            meta["GROUP_M"] = group_m
-                        out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return out
-
-
-def _prune(kind):
-    def prune(configs, named_args, **kwargs):
-        c_src = named_args.get("C_src_g", named_args.get("C_in_g", 1))
-        c_dst = named_args.get("C_dst_g", named_args.get("C_out_g", 1))
-        x = named_args.get("X")
-        four_byte = getattr(x, "element_size", lambda: 2)() >= 4
-        keep = []
-        for c in configs:
-            k = c.kwargs
-            if four_byte and k["BLOCK_K"] > 32:   # fp32/tf32 tiles: K = 32 fills the smem
-                continue
-            if kind == "wgrad":
-                if k["BLOCK_M"] > 2 * max(16, _next_pow2(c_dst)):
-                    continue
-            elif k["BLOCK_N"] > 2 * max(16, _next_pow2(c_dst)) or \
-                    k["BLOCK_K"] > 2 * max(16, _next_pow2(c_src)):
-                continue
-            elif k["GROUP_M"] == 1 and c_dst <= k["BLOCK_N"]:
-                continue   # one column of tiles: the tile order makes no difference
-            keep.append(c)
-        return keep or configs[:1]
-    return prune
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_kernel(kind: str):
-    import triton
-    from . import triton_kernels as tk
-    base = tk.conv_phase_kernel if kind != "wgrad" else tk.wgrad_phase_kernel
-    kwargs = {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        kwargs["cache_results"] = True   # Triton's on-disk autotune cache
-    return triton.autotune(config_space(kind),
-                           key=["key_cin", "key_cout", "key_taps", "key_layout"],
-                           prune_configs_by={"early_config_prune": _prune(kind)},
-                           **kwargs)(base)
-
-
-_FORCED: list = []   # configs forced by forced_config() (the autotune sweep)
-
-
-@contextlib.contextmanager
-def forced_config(cfg: dict):
-    """Run every launch inside the block with ``cfg`` (used by perf/autotune.py)."""
-    _FORCED.append(cfg)
-    try:
-        yield
-    finally:
-        _FORCED.pop()
-
-
-@functools.lru_cache(maxsize=16)
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-# shape key -> where its config came from ("forced", "tuned", "interpreter", "autotune",
-# "heuristic") and the config (for "autotune": the one Triton's autotuner picked, once known)
-config_log: dict = {}
-
-
-def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int,
-                  layout: int, device: torch.device):
-    """A config dict, or None to autotune (see the module docstring for the order)."""
-    key = shape_key(kind, dtype, c_src_g, c_dst_g, taps, layout, device_name(device))
-    if _FORCED:
-        source, cfg = "forced", _FORCED[-1]
-    elif key in tuned_table():
-        source, cfg = "tuned", tuned_table()[key]
-    elif interpreting():
-        source, cfg = "interpreter", heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
-    elif _autotune_enabled():
-        source, cfg = "autotune", None
-    else:
-        source, cfg = "heuristic", heuristic_config(kind, m, c_src_g, c_dst_g, dtype)
-    if config_log.get(key, (None,))[0] != source:
-        config_log[key] = (source, cfg)
-    return cfg
-
-
-def _note_autotuned(kind: str, key_args):
-    """Record the config Triton's autotuner chose (for the benchmark's report)."""
-    best = getattr(_tuned_kernel(kind), "best_config", None)
-    if best is not None:
-        config_log[key_args] = ("autotune", dict(best.kwargs, num_warps=best.num_warps,
-                                                 num_stages=best.num_stages))
-
-
-def _split_launch_options(cfg: dict):
-    cfg = dict(cfg)
-    launch_opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    return cfg, launch_opts
-
-
-def _check_device(t: torch.Tensor):
-    if t.device.type == "cpu" and not interpreting():
-        raise RuntimeError("the Triton engine needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
-                           "tensors")
-
-
-def _strides5(t: torch.Tensor):
-    st = list(t.stride())
-    return st[:2] + [0] * (5 - t.dim()) + st[2:]
-
-
-def _sizes3(sizes):
-    return [1] * (3 - len(sizes)) + list(sizes)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
+# ------------------------------------------------------------------------------- launches
 _RECORDERS: list = []   # launch recorders (capture_launches)
 
 
@@ -369,16 +153,194 @@ def launch(kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _check_device(t: torch.Tensor):
+    if t.device.type == "cpu" and not interpreting():
+        raise RuntimeError("the Triton engine needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
+                           "tensors")
 
 
-# ----------------------------------------------------------------------------- the passes
-def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src_g, c_dst_g, act: Activation, kind):
-    """Forward (kind "fwd") or grad_input ("dgrad"): one launch over every phase."""
+def _strides5(t: torch.Tensor):
+    st = list(t.stride())
+    return st[:2] + [0] * (5 - t.dim()) + st[2:]
+
+
+def _sizes3(sizes):
+    return [1] * (3 - len(sizes)) + list(sizes)
+
+
+def _layout_code(t: torch.Tensor) -> int:
+    return 1 if t.dim() >= 3 and t.stride(1) == 1 and t.shape[1] > 1 else 0
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly (some permutation of a contiguous
+    tensor)."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _idx64(*tensors) -> bool:
+    return any(t is not None and t.numel() >= 2 ** 31 for t in tensors)
+
+
+# ------------------------------------------------------------------------ kernel layout
+def in_kernel_layout(t: torch.Tensor, c_g: int) -> bool:
+    """Whether the kernels can read ``t`` as it is: channels contiguous, each group's channels
+    and every other stride a multiple of 16 elements, 16-byte aligned."""
+    return (c_g % ALIGN == 0 and t.stride(1) == 1 and
+            all(s % ALIGN == 0 for i, s in enumerate(t.stride()) if i != 1) and
+            t.data_ptr() % 16 == 0)
+
+
+def _kernel_layout_buffer(t: torch.Tensor, groups: int):
+    """An empty tensor of ``t``'s logical shape in the kernel layout: [N, *spatial, groups,
+    channels per group padded], seen as [N, C_padded_total, *spatial]."""
+    n, c, *spatial = t.shape
+    cp = _pad(c // groups)
+    nd = len(spatial)
+    buf = buffers.empty((n, *spatial, groups * cp), t.dtype, t.device)
+    return buf.permute(0, nd + 1, *range(1, nd + 1))
+
+
+def _convert_args(t, tk, groups, parts):
+    """prepare_kernel's arguments for putting ``t`` into ``tk`` (its kernel layout)."""
+    n, c, *spatial = t.shape
+    sd, sh, sw = _sizes3(spatial)
+    st = _strides5(t)
+    return dict(X=t, XK=tk, PARTS=parts if parts is not None else tk,
+                P=n * sd * sh * sw, C=c // groups, C_PAD=_pad(c // groups), G=groups,
+                Dd=sd, Hd=sh, Wd=sw, sxn=st[0], sxc=st[1], sxd=st[2], sxh=st[3], sxw=st[4],
+                WITH_SUMS=parts is not None)
+
+
+_BLOCK_P, _BLOCK_C, _BLOCK_PACK = 64, 32, 512
+
+
+def _conversion_programs(conv) -> int:
+    return triton_cdiv(conv["P"], _BLOCK_P) * conv["G"] * triton_cdiv(conv["C_PAD"], _BLOCK_C)
+
+
+# ---------------------------------------------------------------------------- preparation
+def _pack_key(weight, geom):
+    return ("triton", tuple(weight.shape), geom.kernel, geom.stride, geom.padding,
+            geom.dilation, geom.groups)
+
+
+_NO_CONVERSION = dict(P=0, C=1, C_PAD=1, G=1, Dd=1, Hd=1, Wd=1, sxn=0, sxc=0, sxd=0, sxh=0,
+                      sxw=0, WITH_SUMS=False)
+
+
+def _prepare(weight, geom, parts, convert=None):
+    """One launch of prepare_kernel: the packed weights ``parts`` ("fwd": [groups, C_out/g x
+    taps x C_SRC], "dgrad": [groups, C_in/g x taps x C_DY]) and, with ``convert``
+    (_convert_args), a source put into the kernel layout. ``weight`` None: the conversion
+    alone. Returns {part: tensor}."""
+    from . import triton_kernels as tk
+    out = {}
+    if weight is None:
+        anchor = convert["X"]
+        pack = dict(W=anchor, FWD=anchor, DGRAD=anchor, PH=anchor, ints=[0] * 20)
+    else:
+        g = geom.groups
+        c_in, c_out_g = weight.shape[:2]
+        c_in_g, taps = c_in // g, math.prod(geom.kernel)
+        c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
+        if "fwd" in parts:
+            out["fwd"] = buffers.empty((g, c_out_g * taps * c_src), weight.dtype, weight.device)
+        if "dgrad" in parts:
+            out["dgrad"] = buffers.empty((g, c_in_g * taps * c_dy), weight.dtype, weight.device)
+        axes = _forward_plan(geom)
+        rows = phase_table(axes, c_out_g)
+        fwd_programs = triton_cdiv(max([c_out_g * r[3] * r[4] * r[5] * c_src for r in rows]
+                                       + [1]), _BLOCK_PACK)
+        dgrad_programs = triton_cdiv(max(c_in_g * taps * c_dy, 1), _BLOCK_PACK)
+        pack = dict(W=weight, FWD=out.get("fwd", weight), DGRAD=out.get("dgrad", weight),
+                    PH=_table(rows, weight.device),
+                    ints=[c_in_g, c_out_g, c_src, c_dy, taps, *_sizes3(geom.kernel),
+                          *[a["JS"] for a in axes], *_strides5(weight), len(rows), g,
+                          fwd_programs, dgrad_programs])
+    pack_fwd = "fwd" in out and weight.numel() > 0
+    pack_dgrad = "dgrad" in out and weight.numel() > 0
+    n_phases, groups, fwd_programs, dgrad_programs = pack["ints"][-4:]
+    programs = groups * (n_phases * fwd_programs * pack_fwd + dgrad_programs * pack_dgrad)
+    conv = _NO_CONVERSION if convert is None else convert
+    if convert is not None:
+        programs += _conversion_programs(convert)
+    if programs == 0:
+        return out
+    anchor = pack["W"]
+    launch(tk.prepare_kernel, (programs,), pack["W"], pack["FWD"], pack["DGRAD"], pack["PH"],
+           conv.get("X", anchor), conv.get("XK", anchor), conv.get("PARTS", anchor),
+           *pack["ints"], conv["P"], conv["C"], conv["C_PAD"], conv["G"], conv["Dd"],
+           conv["Hd"], conv["Wd"], conv["sxn"], conv["sxc"], conv["sxd"], conv["sxh"],
+           conv["sxw"], PACK_FWD=pack_fwd, PACK_DGRAD=pack_dgrad, CONVERT=convert is not None,
+           WITH_SUMS=conv["WITH_SUMS"], BLOCK=_BLOCK_PACK, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C)
+    return out
+
+
+def _source(t: torch.Tensor, groups: int, with_sums: bool = False):
+    """(t in the kernel layout or None if it is already there, prepare_kernel's conversion
+    arguments or None, the grad_bias partial sums buffer or None)."""
+    c_g = t.shape[1] // groups
+    if in_kernel_layout(t, c_g) or t.numel() == 0:
+        return None, None, None
+    tk = _kernel_layout_buffer(t, groups)   # every element written, the padding with zeros
+    parts = None
+    if with_sums:
+        n_pblocks = triton_cdiv(t.numel() // max(t.shape[1], 1), _BLOCK_P)
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        parts = torch.empty((n_pblocks, t.shape[1]), dtype=acc, device=t.device)
+    return tk, _convert_args(t, tk, groups, parts), parts
+
+
+def _packed_and_source(weight, geom, parts, src, reuse: bool, with_sums=False):
+    """The packed weights ``parts`` and ``src`` in the kernel layout, in at most one launch.
+    ``reuse``: packs may come from (and go to) the per-version cache (weight_cache)."""
+    key = _pack_key(weight, geom)
+    src_k, conv, sums = _source(src, geom.groups, with_sums) if src is not None else \
+        (None, None, None)
+    have = weight_cache.lookup(weight, key, parts) if reuse else None
+    if have is not None or not parts:
+        if conv is not None:
+            _prepare(None, geom, (), conv)
+        return have or {}, src_k, sums
+    made = _prepare(weight, geom, parts, conv)
+    if reuse:
+        weight_cache.store(weight, key, made)
+    return made, src_k, sums
+
+
+# ----------------------------------------------------------------------------- the GEMMs
+def _split_plan(m_max, c_dst_g, n_phases, groups, c_src, taps, cfg, device):
+    """(splits, source channels per split) for a forward / grad_input GEMM. Split the reduction
+    over source channels (in multiples of 64, so that the split does not depend on the tile)
+    only for the small-M, deep-K layers (DCGAN's and pix2pix's few-pixel layers: at most two
+    row tiles) whose tiles leave most of the GPU idle: their fp32 partial sums are small, so the
+    second launch costs less than the idle SMs would."""
+    m_tiles = triton_cdiv(m_max, cfg["BLOCK_M"])
+    tiles = m_tiles * triton_cdiv(c_dst_g, cfg["BLOCK_N"]) * n_phases * groups
+    sms = cfgs.sm_count(device)
+    if _SPLIT_OVERRIDE:
+        want = _SPLIT_OVERRIDE[-1]
+    elif m_tiles > 2 or tiles * 2 >= sms or c_src * taps < 1024:
+        return 1, c_src
+    else:
+        want = triton_cdiv(2 * sms, tiles)
+    per = max(64, triton_cdiv(triton_cdiv(c_src, want), 64) * 64)
+    return triton_cdiv(c_src, per), per
+
+
+_SPLIT_OVERRIDE: list = []   # tests: force a number of splits
+
+
+def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activation, kind):
+    """Forward (kind "fwd") or grad_input ("dgrad"), ``src`` in the kernel layout with ``c_src``
+    channels per group: one launch over every phase, two where the reduction is split."""
     import triton
     from . import triton_kernels as tk
     rows = phase_table(axes, c_dst_g)
@@ -388,129 +350,221 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src_g, c_dst_g, act: Activa
         return
     dtype = src.dtype
     taps = max(r[3] * r[4] * r[5] for r in rows)
-    layout = _layout_code(src)
+    layout = _layout_code(dst)
+    device = src.device
+    cfg = cfgs.choose_config(kind, m_max, c_src, c_dst_g, dtype, taps, layout, device)
+    nominal = cfg or cfgs.heuristic_config(kind, m_max, c_src, c_dst_g, dtype, layout)
+    splits, c_per_split = _split_plan(m_max, c_dst_g, len(rows), geom.groups, c_src, taps,
+                                      nominal, device)
+    ws = None
+    if splits > 1:   # [splits, N, *spatial, C] fp32 partial sums
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        ws = torch.empty((splits, n, *dst.shape[2:], dst.shape[1]), dtype=acc, device=device)
     sx, sy = _strides5(src), _strides5(dst)
     sp = _strides5(pre) if pre is not None else sy
+    sws = [0] * 5 if ws is None else [ws.stride(0), ws.stride(1)] + [0] * (4 - (ws.dim() - 2)) \
+        + list(ws.stride()[2:-1])
+    taps_total = sum(r[3] * r[4] * r[5] for r in rows)
     args = (src, wp, bias if bias is not None else wp, dst, pre if pre is not None else dst,
-            _table(rows, src.device), n, c_src_g, c_dst_g, *[a["L"] for a in axes],
-            *[a["A"] for a in axes], *[a["S"] for a in axes], *[a["STEP"] for a in axes],
-            *sx, *sy, *sp, wp.stride(0), float(act.param), m_max,
-            _bucket(c_src_g), _bucket(c_dst_g), taps, layout)
+            ws if ws is not None else dst, _table(rows, device), n, c_src, c_dst_g,
+            *[a["L"] for a in axes], *[a["A"] for a in axes], *[a["S"] for a in axes],
+            *[a["STEP"] for a in axes], sx[0], *sx[2:], *sy, *sp, *sws[1:], sws[0], taps_total,
+            float(act.param), m_max, len(rows), c_per_split,
+            cfgs.bucket(c_src), cfgs.bucket(c_dst_g), taps, cfgs.m_bucket(m_max), layout)
+    pixel_major = dst.dim() >= 3 and dst.stride(1) != 1
     meta_const = dict(ACT=act.code, HAS_BIAS=bias is not None, HAS_PRE=pre is not None,
                       ACC_FP64=dtype == torch.float64,
                       UPCAST=interpreting() and dtype == torch.bfloat16,
-                      PRECISION=_precision(dtype))
-    n_phases = len(rows)
+                      PRECISION=cfgs.precision(dtype), SPLIT=splits > 1,
+                      PIXEL_MAJOR_OUT=pixel_major, IDX64=_idx64(src, wp, dst, pre, ws))
 
     def grid(meta):
-        return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_dst_g, meta["BLOCK_N"]),
-                n_phases, geom.groups)
+        return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_dst_g, meta["BLOCK_N"])
+                * len(rows), splits, geom.groups)
 
-    cfg = choose_config(kind, m_max, c_src_g, c_dst_g, dtype, taps, layout, src.device)
     if cfg is None:
-        launch(_tuned_kernel(kind), grid, *args, **meta_const)
-        _note_autotuned(kind, shape_key(kind, dtype, c_src_g, c_dst_g, taps, layout,
-                                        device_name(src.device)))
-        return
-    meta, launch_opts = _split_launch_options(cfg)
-    launch(tk.conv_phase_kernel, grid(meta), *args, **meta_const, **meta, **launch_opts)
+        launch(cfgs.tuned_kernel(kind), grid, *args, **meta_const)
+        cfgs.note_autotuned(kind, cfgs.shape_key(kind, dtype, c_src, c_dst_g, taps, m_max,
+                                                 layout, cfgs.device_name(device)))
+    else:
+        meta, launch_opts = cfgs.split_launch_options(cfg)
+        launch(tk.conv_phase_kernel, grid(meta), *args, **meta_const, **meta, **launch_opts)
+    if ws is not None:
+        block = 1024
+        numel = ws[0].numel()
+        out_sp = _sizes3(dst.shape[2:])
+        launch(tk.split_epilogue_kernel, (triton.cdiv(numel, block),),
+               ws, bias if bias is not None else ws, dst, pre if pre is not None else dst,
+               numel, dst.shape[1], *out_sp, splits, *sy, *sp, float(act.param),
+               ACT=act.code, HAS_BIAS=bias is not None, HAS_PRE=pre is not None,
+               ACC_FP64=dtype == torch.float64, BLOCK=block)
 
 
 def forward(x, weight, bias, geom: Geometry, act: Activation, keep_pre: bool, state=None):
-    """One launch. ``state`` None (a pass that records no graph): the weight packed by an
-    earlier call is reused while the weight is unchanged (weight_cache). Else one more launch
-    packs the weight for this pass and, when the input requires grad, for grad_input too,
-    left in ``state`` for this pass's backward."""
+    """``state`` None (a pass that records no graph): the weight packed by an earlier call is
+    reused while the weight is unchanged (weight_cache). Else the weight is packed afresh, for
+    grad_input too when the input requires grad, and that pack and the input in the kernel
+    layout are left in ``state`` for this pass's backward."""
     _check_device(x)
     g = geom.groups
     shape = (x.shape[0], weight.shape[1] * g, *geom.out_size)
     fmt = buffers.output_memory_format(geom.ndim, x, weight)
     out = buffers.empty(shape, x.dtype, x.device, fmt)
     pre = buffers.empty(shape, x.dtype, x.device, fmt) if keep_pre else None
-    if state is None:
-        wp = _pack(weight, geom, ("fwd",))["fwd"]
-    else:
-        packs = _pack_now(weight, geom, ("fwd", "dgrad") if x.requires_grad else ("fwd",))
+    training = state is not None
+    parts = ("fwd", "dgrad") if training and x.requires_grad else ("fwd",)
+    packs, xk, _ = _packed_and_source(weight, geom, parts, x, reuse=not training)
+    if training:
         state["dgrad"] = packs.get("dgrad")
-        wp = packs["fwd"]
-    _run_conv(x, wp, bias, out, pre, _forward_plan(geom), geom, x.shape[1] // g,
-              weight.shape[1], act, "fwd")
+        state["x_kernel"] = xk
+    _run_conv(x if xk is None else xk, packs["fwd"], bias, out, pre, _forward_plan(geom), geom,
+              _pad(x.shape[1] // g), weight.shape[1], act, "fwd")
     return out, pre
 
 
-def grad_input(grad, weight, geom: Geometry, state=None):
-    """One launch with the weight packed by the forward (``state``), else two."""
-    _check_device(grad)
+def _grad_input_with(grad_k, wp, weight, geom, fmt, like=None):
+    """dx (memory format ``fmt``, or the strides of ``like``, the input, where it is dense:
+    autograd then takes it as the input's gradient without a copy) from grad_out in the kernel
+    layout and the packed weight."""
     g = geom.groups
-    shape = (grad.shape[0], weight.shape[0], *geom.in_size)
-    dx = buffers.empty(shape, grad.dtype, grad.device,
-                       buffers.output_memory_format(geom.ndim, grad, weight))
-    wp = (state or {}).get("dgrad")
-    if wp is None:
-        wp = _pack_now(weight, geom, ("dgrad",))["dgrad"]
-    _run_conv(grad, wp, None, dx, None, _grad_input_plan(geom), geom,
-              weight.shape[1], weight.shape[0] // g, Activation(), "dgrad")
+    shape = (grad_k.shape[0], weight.shape[0], *geom.in_size)
+    if like is not None and like.shape == shape and _dense(like):
+        dx = buffers.empty_strided(shape, like.stride(), grad_k.dtype, grad_k.device)
+    else:
+        dx = buffers.empty(shape, grad_k.dtype, grad_k.device, fmt)
+    _run_conv(grad_k, wp, None, dx, None, _grad_input_plan(geom), geom, _pad(weight.shape[1]),
+              weight.shape[0] // g, Activation(), "dgrad")
     return dx
+
+
+def grad_input(grad, weight, geom: Geometry, state=None):
+    """One launch with the weight packed by the forward (``state``) and grad_out in the kernel
+    layout; one more for either."""
+    _check_device(grad)
+    wp = (state or {}).get("dgrad")
+    packs, gk, _ = _packed_and_source(weight, geom, () if wp is not None else ("dgrad",), grad,
+                                      reuse=False)
+    return _grad_input_with(grad if gk is None else gk,
+                            wp if wp is not None else packs["dgrad"], weight, geom,
+                            buffers.output_memory_format(geom.ndim, grad, weight))
+
+
+WGRAD_SPLIT_ALIGN = 64   # grad_weight's pixel slices are multiples of this (any BLOCK_K divides it)
 
 
 def wgrad_splits(m_max: int, tiles: int, block_k: int, device: torch.device) -> int:
     """How many slices the pixel reduction of grad_weight is cut into, so that the GPU is full
     (about 4 programs per SM); 1 where the tiles alone fill it (then no workspace, no sum)."""
-    target = 4 * _sm_count(device)
+    target = 4 * cfgs.sm_count(device)
     return max(1, min(triton_cdiv(target, max(1, tiles)), triton_cdiv(m_max, 4 * block_k), 64))
 
 
-def grad_weight(x, grad, weight_shape, geom: Geometry, dtype):
-    """dW in one launch, written in its own layout; two where the pixel reduction is split (the
-    slices land in a workspace that one more launch adds up in a fixed order)."""
-    _check_device(x)
+def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
+    """dW from x and grad_out in the kernel layout; with ``parts``, db summed from them too."""
     import triton
     from . import triton_kernels as tk
     g = geom.groups
     c_in, c_out_g = weight_shape[0], weight_shape[1]
     c_in_g = c_in // g
-    dw = buffers.empty(tuple(weight_shape), dtype, x.device)
-    if dw.numel() == 0:
+    c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
+    dw = buffers.empty(tuple(weight_shape), dtype, xk.device)
+    if dw.numel() == 0 and db is None:
         return dw
     axes = _forward_plan(geom)
     rows = phase_table(axes, c_out_g)
-    n = x.shape[0]
+    n = xk.shape[0]
     m_max = n * max(r[0] * r[1] * r[2] for r in rows)
     taps = max(r[3] * r[4] * r[5] for r in rows)
-    layout = _layout_code(x)
-    cfg = choose_config("wgrad", m_max, c_in_g, c_out_g, dtype, taps, layout, x.device)
-    nominal = cfg or heuristic_config("wgrad", m_max, c_in_g, c_out_g, dtype)
-    kp_max = taps * c_in_g
-    tiles = triton.cdiv(c_out_g, nominal["BLOCK_M"]) * triton.cdiv(kp_max, nominal["BLOCK_N"])
-    splits = wgrad_splits(m_max, tiles * len(rows) * g, nominal["BLOCK_K"], x.device)
-    per_split = triton.cdiv(triton.cdiv(max(m_max, 1), splits), nominal["BLOCK_K"]) \
-        * nominal["BLOCK_K"]
+    layout = 1
+    device = xk.device
+    cfg = cfgs.choose_config("wgrad", m_max, c_src, c_out_g, dtype, taps, layout, device)
+    nominal = cfg or cfgs.heuristic_config("wgrad", m_max, c_src, c_out_g, dtype)
+    kp_max = taps * c_src
+    tiles = triton.cdiv(kp_max, nominal["BLOCK_M"]) * triton.cdiv(c_out_g, nominal["BLOCK_N"])
+    splits = wgrad_splits(m_max, tiles * len(rows) * g, nominal["BLOCK_K"], device)
+    per_split = triton.cdiv(triton.cdiv(max(m_max, 1), splits), WGRAD_SPLIT_ALIGN) \
+        * WGRAD_SPLIT_ALIGN
     splits = max(1, triton.cdiv(m_max, per_split))
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    out = dw if splits == 1 else buffers.empty((splits, *weight_shape), acc_dtype, x.device)
-    so = _strides5(dw)
-    args = (x, grad, out, _table(rows, x.device), n, c_in_g, c_out_g,
+    out = dw if splits == 1 else buffers.empty((splits, *weight_shape), acc_dtype, device)
+    c_total = c_out_g * g
+    sx, sy = _strides5(xk), _strides5(gk)
+    args = (xk, gk, out, _table(rows, device), parts if parts is not None else out,
+            db if db is not None else out, n, c_src, c_in_g, c_dy, c_out_g,
             *[a["L"] for a in axes], *[a["S"] for a in axes], *[a["STEP"] for a in axes],
-            *[a["JS"] for a in axes], *_strides5(x), *_strides5(grad),
-            out.stride(0) if splits > 1 else 0, *so, splits, per_split,
-            _bucket(c_in_g), _bucket(c_out_g), taps, layout)
+            *[a["JS"] for a in axes], sx[0], *sx[2:], sy[0], *sy[2:],
+            out.stride(0) if splits > 1 else 0, *_strides5(dw), splits, per_split, len(rows),
+            parts.shape[0] if parts is not None else 0, c_total,
+            cfgs.bucket(c_src), cfgs.bucket(c_out_g), taps, cfgs.m_bucket(m_max), layout)
     meta_const = dict(ACC_FP64=dtype == torch.float64,
                       UPCAST=interpreting() and dtype == torch.bfloat16,
-                      PRECISION=_precision(dtype))
+                      PRECISION=cfgs.precision(dtype), IDX64=_idx64(xk, gk, out),
+                      BIAS_PARTS=db is not None)
 
     def grid(meta):
-        return (triton.cdiv(c_out_g, meta["BLOCK_M"]) * triton.cdiv(kp_max, meta["BLOCK_N"]),
-                len(rows), g * splits)
+        tiles = triton.cdiv(kp_max, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"])
+        if db is not None:
+            tiles = max(tiles, triton.cdiv(c_total, meta["BLOCK_N"]))
+        return (tiles, len(rows) + (db is not None), g * splits)
 
     if cfg is None:
-        launch(_tuned_kernel("wgrad"), grid, *args, **meta_const)
-        _note_autotuned("wgrad", shape_key("wgrad", dtype, c_in_g, c_out_g, taps, layout,
-                                           device_name(x.device)))
+        launch(cfgs.tuned_kernel("wgrad"), grid, *args, **meta_const)
+        cfgs.note_autotuned("wgrad", cfgs.shape_key("wgrad", dtype, c_src, c_out_g, taps, m_max,
+                                                    layout, cfgs.device_name(device)))
     else:
-        meta, launch_opts = _split_launch_options(cfg)
+        meta, launch_opts = cfgs.split_launch_options(cfg)
         launch(tk.wgrad_phase_kernel, grid(meta), *args, **meta_const, **meta, **launch_opts)
     if splits > 1:
         block = 1024
         launch(tk.sum_splits_kernel, (triton.cdiv(dw.numel(), block),), out, dw, dw.numel(),
                splits, ACC_FP64=dtype == torch.float64, BLOCK=block)
     return dw
+
+
+def grad_weight(x, grad, weight_shape, geom: Geometry, dtype, state=None):
+    """dW in one launch, written in its own layout; two where the pixel reduction is split, one
+    more for each of x and grad_out not in the kernel layout."""
+    _check_device(x)
+    xk = (state or {}).get("x_kernel")
+    if xk is None:
+        xk = _source_now(x, geom)
+    return _grad_weight_with(xk, _source_now(grad, geom), weight_shape, geom, dtype)
+
+
+def _source_now(t, geom):
+    """``t`` in the kernel layout (one launch where it is not already)."""
+    tk, conv, _ = _source(t, geom.groups)
+    if conv is not None:
+        _prepare(None, geom, (), conv)
+    return t if tk is None else tk
+
+
+def joint_backward(grad, x, weight, geom: Geometry, need_dx: bool, need_dw: bool,
+                   need_db: bool, state=None):
+    """grad_input, grad_weight and grad_bias (None where not needed) with grad_out put in the
+    kernel layout once (that pass also sums grad_bias, which grad_weight's launch adds up), the
+    weight packed by the forward and x as the forward left it in ``state``."""
+    _check_device(grad)
+    g = geom.groups
+    state = state or {}
+    wp = state.get("dgrad")
+    want = ("dgrad",) if need_dx and wp is None else ()
+    packs, gk, sums = _packed_and_source(weight, geom, want, grad, reuse=False,
+                                         with_sums=need_db and need_dw)
+    if wp is None:
+        wp = packs.get("dgrad")
+    grad_k = grad if gk is None else gk
+    dx = dw = db = None
+    if need_dx:
+        dx = _grad_input_with(grad_k, wp, weight, geom,
+                              buffers.output_memory_format(geom.ndim, grad, weight), like=x)
+    if need_db and sums is not None:
+        db = buffers.empty((grad.shape[1],), grad.dtype, grad.device)
+    if need_dw:
+        xk = state.get("x_kernel")
+        if xk is None:
+            xk = _source_now(x, geom)
+        dw = _grad_weight_with(xk, grad_k, tuple(weight.shape), geom, x.dtype, sums, db)
+    if need_db and db is None:
+        db = grad.sum([0] + list(range(2, grad.dim())))
+    return dx, dw, db

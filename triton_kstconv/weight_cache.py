@@ -51,35 +51,50 @@ def _stamp(weight: torch.Tensor):
         return None
 
 
-def packed(weight: torch.Tensor, key: Hashable, parts: Sequence[Hashable],
-           make: Callable[[Sequence[Hashable]], dict]) -> dict:
-    """The packed tensors ``parts`` of ``weight`` under ``key`` (a packing's description: engine,
-    geometry, dtype, ...). Missing or stale parts are made by ONE call of ``make(missing)``,
-    which returns ``{part: tensor}``, so that an engine can pack several layouts in one pass."""
+def lookup(weight: torch.Tensor, key: Hashable, parts: Sequence[Hashable]):
+    """``{part: packed tensor}`` if every one of ``parts`` of ``weight`` under ``key`` (a
+    packing's description: engine, geometry, ...) is cached for the weight as it is now, else
+    None."""
     stamp = _stamp(weight)
     if stamp is None:
-        stats["packs"] += 1
-        return make(list(parts))
+        return None
+    with _LOCK:
+        slot = _ENTRIES.get(weight) or {}
+        have = {p: slot[(key, p)][1] for p in parts
+                if (key, p) in slot and slot[(key, p)][0] == stamp}
+    if len(have) < len(parts):
+        return None
+    stats["hits"] += 1
+    return have
+
+
+def store(weight: torch.Tensor, key: Hashable, made: dict) -> None:
+    """Keep ``made`` ({part: packed tensor}) for ``weight`` as it is now (where trackable)."""
+    stats["packs"] += 1
+    stamp = _stamp(weight)
+    if stamp is None:
+        return
     with _LOCK:
         slot = _ENTRIES.get(weight)
         if slot is None:
             slot = _ENTRIES[weight] = {}
-        have = {p: slot[(key, p)][1] for p in parts
-                if (key, p) in slot and slot[(key, p)][0] == stamp}
-    missing = [p for p in parts if p not in have]
-    if not missing:
-        stats["hits"] += 1
-        return have
-    stats["packs"] += 1
-    made = make(missing)
-    with _LOCK:
-        for p in missing:
+        for p, tensor in made.items():
             slot.pop((key, p), None)
-            slot[(key, p)] = (stamp, made[p])
+            slot[(key, p)] = (stamp, tensor)
         while len(slot) > PER_WEIGHT:           # a weight used at many geometries: drop the
             del slot[next(iter(slot))]          # packing made longest ago
-    have.update(made)
-    return have
+
+
+def packed(weight: torch.Tensor, key: Hashable, parts: Sequence[Hashable],
+           make: Callable[[Sequence[Hashable]], dict]) -> dict:
+    """The packed tensors ``parts`` of ``weight`` under ``key``: from the cache, else made by
+    ONE call of ``make(parts)`` (which returns ``{part: tensor}``) and kept."""
+    have = lookup(weight, key, parts)
+    if have is not None:
+        return have
+    made = make(list(parts))
+    store(weight, key, made)
+    return made
 
 
 def clear() -> None:
