@@ -167,7 +167,7 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump({"device": te.device_name(device), "torch": torch.__version__,
                    "configs": table}, f, indent=1, sort_keys=True)
-    te.tuned_table.cache_clear()
+    te.reload_tuned_tables()
     print("| layer | dtype | pass | best ms | heuristic ms | speedup | config |")
     print("|---|---|---|---|---|---|---|")
     for key, dname, kind, best, heur, cfg in rows:

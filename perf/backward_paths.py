@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from perf.bench import MALLOC_ENV
+from perf.bench import _ensure_allocator_setting
 
 
 def main(argv=None):
@@ -27,15 +27,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=None, help="results path prefix")
     args = ap.parse_args(argv)
-    if not all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "perf.backward_paths", *argv],
-                  dict(os.environ, **MALLOC_ENV))
+    _ensure_allocator_setting(argv, module="perf.backward_paths")
     import torch
     from tqdm import tqdm
 
     from perf import layers as L
     from perf.runner import metadata, time_interleaved
-    from triton_kstconv import cpp_engine
+    from triton_kstconv import config, cpp_engine
     from triton_kstconv.ops import geometry_of
 
     rows = []
@@ -48,16 +46,13 @@ def main(argv=None):
                            (layer.output_padding,) * nd, 1, (1,) * nd)
         gy = torch.randn(layer.batch, layer.c_out, *geom.out_size, generator=gen)
 
-        def joint(mode="1"):
-            os.environ["KSTCONV_JOINT"] = mode
-            try:
+        def joint(mode=1):
+            with config.override(joint=mode):
                 return cpp_engine.joint_backward(gy, x, w, geom, True, True, True)
-            finally:
-                del os.environ["KSTCONV_JOINT"]
 
         if joint() is None:
             continue  # the joint path cannot run this layer
-        rule = joint("-1") is not None
+        rule = joint(-1) is not None
 
         def separate():
             cpp_engine.grad_input(gy, w, geom)

@@ -7,8 +7,9 @@ zero insertion (the paper's baseline), measured side by side in one run.
 
 Forward and forward+backward; on CUDA also bfloat16. Medians of interleaved, order-rotated
 rounds. On CPU the process re-executes itself once with glibc's mmap threshold raised, so that
-no implementation pays page faults on freshly mapped outputs that another does not (see
-../shared/docs/traps.md); the setting is recorded in the results. Writes JSON and a Markdown
+no implementation pays page faults on freshly mapped outputs that another does not (glibc maps
+large buffers afresh on every call otherwise: ~15 ms of faults for a 16 MB output); the setting
+is recorded in the results. Writes JSON and a Markdown
 table under perf/results/.
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ import time
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
-def _ensure_allocator_setting(argv):
+def _ensure_allocator_setting(argv, module="perf.bench"):
+    """Re-execute ``module`` with glibc's mmap threshold raised (once; see the docstring)."""
     if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()) or "--no-malloc-env" in argv:
         return
     env = dict(os.environ, **MALLOC_ENV)
-    os.execve(sys.executable, [sys.executable, "-m", "perf.bench", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def parse_args(argv=None):

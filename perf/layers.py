@@ -1,5 +1,5 @@
-"""The real-layer suite: transposed convolutions as the decoders in ../shared/docs/background.md
-use them, each tagged with the model it comes from."""
+"""The real-layer suite: transposed convolutions as published decoders use them (DCGAN,
+U-Net, pix2pix, FCN, FSRCNN, HiFi-GAN, 3D U-Net, autoencoders), each tagged with its model."""
 from __future__ import annotations
 
 import dataclasses

@@ -51,24 +51,21 @@ def _as_h100(precision, autotune: bool):
     """The library's host code as it runs on an H100: its device name and SM count, float32
     precision as PyTorch's flags say, autotuning on or off."""
     import torch
+    from triton_kstconv import config
     from triton_kstconv import triton_config as cfgs
     from triton_kstconv import triton_engine as te
-    saved = (cfgs.device_name, cfgs.sm_count, os.environ.get("KSTCONV_AUTOTUNE"))
+    saved = (cfgs.device_name, cfgs.sm_count)
     conv = torch.backends.cudnn.conv
     saved_prec = conv.fp32_precision
     cfgs.device_name = lambda device: H100["name"]
     cfgs.sm_count = lambda device: H100["sms"]
-    os.environ["KSTCONV_AUTOTUNE"] = "1" if autotune else "0"
     if precision:
         conv.fp32_precision = precision
     try:
-        yield te
+        with config.override(autotune=autotune):
+            yield te
     finally:
-        cfgs.device_name, cfgs.sm_count = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop("KSTCONV_AUTOTUNE", None)
-        else:
-            os.environ["KSTCONV_AUTOTUNE"] = saved[2]
+        cfgs.device_name, cfgs.sm_count = saved
         conv.fp32_precision = saved_prec
 
 

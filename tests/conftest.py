@@ -90,6 +90,41 @@ def device_for(backend):
     return "cuda" if (backend == "triton" and CUDA) else "cpu"
 
 
+# The fast core (`pytest -m "not slow"`, a few minutes) keeps every engine's correctness on the
+# CORE cases; the Triton interpreter's full matrix, compile, distributed, paper and static-check
+# tests are "slow" (CI runs everything). Whole modules mark themselves; the Triton cases of the
+# parametrised matrices are marked here.
+SLOW_MODULES = {"test_device_work", "test_static_check", "test_autotune", "test_ddp",
+                "test_paper"}
+
+
+def pytest_collection_modifyitems(config, items):
+    from cases import CORE
+    slow = pytest.mark.slow
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("case", params.get("name"))
+        if module in SLOW_MODULES or item.get_closest_marker("compile"):
+            item.add_marker(slow)
+        elif params.get("backend") == "triton" and str(case) not in CORE:
+            item.add_marker(slow)
+        elif item.get_closest_marker("cuda"):
+            item.add_marker(slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def knobs(monkeypatch):
+    """``knobs(joint=1, ...)``: the library's knobs (triton_kstconv.config) changed for this
+    test only."""
+    import dataclasses
+    from triton_kstconv import config
+
+    def set_knobs(**changes):
+        monkeypatch.setattr(config, "KNOBS", dataclasses.replace(config.KNOBS, **changes))
+    return set_knobs

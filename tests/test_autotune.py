@@ -17,10 +17,9 @@ def test_sweep_writes_a_table_the_engine_uses(tmp_path, monkeypatch):
     out, rows = autotune.main(["--smoke", "--out", path])
     table = json.load(open(out))["configs"]
     assert {r[2] for r in rows} == {"fwd", "dgrad", "wgrad"} and len(table) == 3
-    monkeypatch.setenv("KSTCONV_TUNED_TABLE", path)
-    te.tuned_table.cache_clear()
+    from triton_kstconv import config
     te.config_log.clear()
-    try:
+    with config.override(tuned_table=path):
         # the same layer again: every pass takes its config from the table
         import triton_kstconv as K
         x = torch.randn(1, 4, 3, 3, requires_grad=True)
@@ -32,5 +31,3 @@ def test_sweep_writes_a_table_the_engine_uses(tmp_path, monkeypatch):
         # and the call still computes the right thing with them
         torch.testing.assert_close(y, torch.nn.functional.conv_transpose2d(
             x, w, stride=2, padding=1), rtol=1e-4, atol=1e-4)
-    finally:
-        te.tuned_table.cache_clear()

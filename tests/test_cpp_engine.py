@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from triton_kstconv import cpp_engine
-from triton_kstconv.epilogue import Activation, parse_activation
+from triton_kstconv.epilogue import parse_activation
 from triton_kstconv.ops import geometry_of
 from cases import BY_NAME
 from conftest import assert_close, make_case, reduction_length, reference
@@ -23,11 +23,26 @@ def _geom(c):
 
 
 @pytest.fixture(params=[False, True], ids=["big_items", "small_items"])
-def items(request, monkeypatch):
-    if request.param:  # many tiny work items: row splitting, halos, class clipping
-        for k, v in dict(KSTCONV_MT="64", KSTCONV_COLS_CAP="256", KSTCONV_C_CAP="64",
-                         KSTCONV_BRG_MT="3", KSTCONV_BRG_NT="5").items():
-            monkeypatch.setenv(k, v)
+def items(request):
+    if not request.param:
+        yield
+        return
+    # many tiny work items: row splitting, halos, class clipping
+    with cpp_engine.tuning(item_pixels=64, cols_cap=256, gemm_first_cap=64, brg_rows=3,
+                           brg_cols=5):
+        yield
+
+
+def _forced(kind, method, call, refused=False):
+    """A strategy forced on a pass: it runs (and the engine says it was that one), or, where it
+    cannot run here, it is refused with the reason (never another strategy instead)."""
+    if refused:
+        with pytest.raises(RuntimeError, match="cannot run"):
+            call()
+        return None
+    out = call()
+    assert cpp_engine.last_method[kind] == method, (kind, cpp_engine.last_method)
+    return out
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -39,7 +54,8 @@ def test_forward_methods(name, method, dtype, items):
     geom = geometry_of(x.shape[2:], c.kernel, c.stride, c.padding, c.output_padding, c.groups,
                        c.dilation)
     act = parse_activation("silu")
-    out, pre = cpp_engine.forward(x, w, b, geom, act, True, method=method)
+    out, pre = _forced("fwd", method,
+                       lambda: cpp_engine.forward(x, w, b, geom, act, True, method=method))
     ref_pre = reference(x, w, b, c.nd, **c.conv)
     k = reduction_length(c.c_in, c.groups, c.kernel, c.stride)
     assert_close(pre, ref_pre, dtype, k)
@@ -59,7 +75,12 @@ def test_grad_input_methods(name, method, dtype, items):
     y = reference(xr, w, None, c.nd, **c.conv)
     g = torch.randn_like(y)
     y.backward(g)
-    dx = cpp_engine.grad_input(g.to(dtype), w.to(dtype), _geom(c), method=method)
+    # method 4 reads grad_out in place, which the adjoint's stride-s gather along w rules out
+    dx = _forced("dgrad", method,
+                 lambda: cpp_engine.grad_input(g.to(dtype), w.to(dtype), _geom(c), method=method),
+                 refused=method == 4 and c.stride[-1] > 1)
+    if dx is None:
+        return
     assert_close(dx, xr.grad, dtype, reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd))
 
 
@@ -75,12 +96,38 @@ def test_grad_weight_methods(name, method, dtype, items):
     y = reference(x, wr, None, c.nd, **c.conv)
     g = torch.randn_like(y)
     y.backward(g)
-    dw = cpp_engine.grad_weight(x.to(dtype), g.to(dtype), w.shape, _geom(c), dtype, method=method)
+    dw = _forced("wgrad", method, lambda: cpp_engine.grad_weight(
+        x.to(dtype), g.to(dtype), w.shape, _geom(c), dtype, method=method))
     assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())
 
 
-def test_blas_found():
-    assert cpp_engine.load().have_blas(), "MKL's sgemm_ was not found in libtorch_cpu"
+def test_gemm_paths_found():
+    """The GEMMs the engine takes from libtorch_cpu (the CPU wheel this project pins has all)."""
+    assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True}
+
+
+def test_forced_method_that_cannot_run_is_refused():
+    c = BY_NAME["dcgan_k4s2p1"]
+    x, w, b = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, True, torch.float64)
+    with pytest.raises(RuntimeError, match="method 3 .* cannot run this forward: it needs float32"):
+        cpp_engine.forward(x, w, b, _geom(c), parse_activation(None), False, method=3)
+    with pytest.raises(RuntimeError, match="method 6 .* serves grad_input only"):
+        cpp_engine.forward(x, w, b, _geom(c), parse_activation(None), False, method=6)
+
+
+def test_validity_classes_agree_with_geometry():
+    """The C++ plan recomputes the forward phases' validity classes: they must be
+    geometry.validity_classes."""
+    from triton_kstconv.geometry import validity_classes
+    mod = cpp_engine.load()
+    for name in NAMES:
+        geom = _geom(BY_NAME[name])
+        got = mod.plan_classes(cpp_engine.forward_plan(geom))[3 - geom.ndim:]
+        for ax in range(geom.ndim):
+            want = [[list(c) for c in validity_classes(ph, geom.in_size[ax])]
+                    for ph in geom.axis_phases(ax)]
+            assert got[ax] == want, (name, ax)
 
 
 # Rows long enough for the vector paths (8 x 8 transposes, the stride-2 phase split of grad_out),
@@ -138,8 +185,8 @@ def _joint_case(c, batch, size, channels_last):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("need", list(NEEDS))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_joint_backward(name, need, batch, monkeypatch):
-    monkeypatch.setenv("KSTCONV_JOINT", "1")
+def test_joint_backward(name, need, batch, knobs):
+    knobs(joint=1)
     c = BY_NAME[name]
     xf, wf, gf, refs, y = _joint_case(c, batch, c.size, False)
     got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), *NEEDS[need])
@@ -155,8 +202,8 @@ def test_joint_backward(name, need, batch, monkeypatch):
 
 @pytest.mark.parametrize("case", WIDE, ids=["k4s2", "k35s12", "k3s3"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_joint_backward_wide_rows(case, channels_last, monkeypatch):
-    monkeypatch.setenv("KSTCONV_JOINT", "1")
+def test_joint_backward_wide_rows(case, channels_last, knobs):
+    knobs(joint=1)
     from types import SimpleNamespace
     c = SimpleNamespace(nd=2, groups=1, output_padding=(0, 0), dilation=(1, 1), **case)
     c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
@@ -171,9 +218,9 @@ def test_joint_backward_wide_rows(case, channels_last, monkeypatch):
         assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_joint_backward_independent_of_threads(monkeypatch):
+def test_joint_backward_independent_of_threads(knobs):
     """Fixed row ranges with their own accumulators: bitwise the same result on 1 or 2 threads."""
-    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    knobs(joint=1)
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 5, c.size, False)
     threads = torch.get_num_threads()
@@ -188,12 +235,12 @@ def test_joint_backward_independent_of_threads(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_joint_backward_off_and_refusals(monkeypatch):
+def test_joint_backward_off_and_refusals(knobs):
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
-    monkeypatch.setenv("KSTCONV_JOINT", "0")
+    knobs(joint=0)
     assert cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True) is None
-    monkeypatch.setenv("KSTCONV_JOINT", "1")
+    knobs(joint=1)
     assert cpp_engine.joint_backward(gf.double(), xf.double(), wf.double(), _geom(c),
                                      True, True, True) is None
 
@@ -206,9 +253,9 @@ def test_joint_backward_rejects_inconsistent_arguments():
     geo = cpp_engine._joint_geo(_geom(c))
     x5, w5, g5 = (cpp_engine._as5d(t) for t in (xf, wf, gf))
     with pytest.raises(RuntimeError, match="geometry does not match"):
-        mod.joint_backward_ok(x5, g5[..., :-1], w5, geo, 1)
+        mod.joint_backward_ok(x5, g5[..., :-1], w5, geo, 1, -1)
     with pytest.raises(RuntimeError, match="groups"):
-        mod.joint_backward_ok(x5, g5, w5, geo, 0)
+        mod.joint_backward_ok(x5, g5, w5, geo, 0, -1)
     with pytest.raises(RuntimeError, match="grad_bias"):
         mod.joint_backward(x5, g5, w5, None, None, torch.empty(1), geo, 1)
     with pytest.raises(RuntimeError, match="grad_input"):

@@ -26,8 +26,8 @@ LAYERS = {  # name: (nd, c_in, c_out, size, kernel, conv)
 
 
 @pytest.fixture(autouse=True)
-def _no_poison(monkeypatch):
-    monkeypatch.setenv("KSTCONV_POISON", "0")   # NaN fills are test-only work, not counted
+def _no_poison(knobs):
+    knobs(poison=False)   # NaN fills are test-only work, not counted
 
 
 def _kernel_layout(t):
@@ -91,22 +91,38 @@ def test_training_step_budget(name, layout, split, monkeypatch):
     assert x.grad is not None and w.grad is not None and b.grad is not None
 
 
-def test_split_forward_is_two_launches():
+@pytest.mark.parametrize("layout", ["kernel", "nchw"])
+def test_split_forward_is_two_launches(layout):
     # a deep reduction split over the source channels (in blocks of 64): GEMM + epilogue
-    x = _kernel_layout(torch.randn(2, 192, 3, 3))
-    w = torch.randn(192, 16, 4, 4) / 40
+    x = torch.randn(2, 128, 2, 2)
+    x = _kernel_layout(x) if layout == "kernel" else x
+    w = torch.randn(128, 16, 4, 4) / 32
     b = torch.randn(16)
-    triton_engine._SPLIT_OVERRIDE.append(3)
+    triton_engine._SPLIT_OVERRIDE.append(2)
     try:
         with torch.no_grad():
             K.conv_transpose2d(x, w, b, stride=2, padding=1, backend="triton")
             with count_device_work() as work:
                 y = K.conv_transpose2d(x, w, b, stride=2, padding=1, backend="triton")
+        # with an activation whose derivative needs the pre-activation, under autograd
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        y2 = K.conv_transpose2d(xg, wg, bg, stride=2, padding=1, activation="silu",
+                                backend="triton")
+        y2.backward(torch.ones_like(y2))
     finally:
         triton_engine._SPLIT_OVERRIDE.pop()
-    assert work.launches == {"conv_phase_kernel": 1, "split_epilogue_kernel": 1}, work
-    torch.testing.assert_close(y, torch.nn.functional.conv_transpose2d(
-        x, w, b, stride=2, padding=1), rtol=1e-4, atol=1e-4)
+    expected = {"conv_phase_kernel": 1, "split_epilogue_kernel": 1}
+    if layout == "nchw":
+        expected["prepare_kernel"] = 1
+    assert work.launches == expected, work
+    ref = torch.nn.functional.conv_transpose2d(x, w, b, stride=2, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y2, torch.nn.functional.silu(ref), rtol=1e-4, atol=1e-4)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.nn.functional.silu(torch.nn.functional.conv_transpose2d(
+        xr, wr, br, stride=2, padding=1)).backward(torch.ones_like(y2))
+    for got, want in ((xg, xr), (wg, wr), (bg, br)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_a_pass_that_records_a_graph_packs_afresh():

@@ -3,7 +3,6 @@ implementations they compare agree."""
 import importlib.util
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None
                                 or importlib.util.find_spec("matplotlib") is None,

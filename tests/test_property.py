@@ -3,6 +3,7 @@ every legal output_padding, dilation 1-3, groups incl. depthwise, bias, layouts,
 engine's forward and gradients against PyTorch in float64."""
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,8 +89,10 @@ def test_torch_engine_sweep(cfg):
     _check(cfg, "torch")
 
 
-if "triton" in backends():
-    @given(cfg=configs(max_nd=2))
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    def test_triton_engine_sweep(cfg):
-        _check(cfg, "triton")
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in backends(), reason="triton not installed, and no GPU or "
+                    "TRITON_INTERPRET=1 to run it")
+@given(cfg=configs(max_nd=2))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_triton_engine_sweep(cfg):
+    _check(cfg, "triton")

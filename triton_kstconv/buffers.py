@@ -3,13 +3,13 @@
 shows up as a failure instead of a lucky zero."""
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import config
 
 
 def poisoned() -> bool:
-    return os.environ.get("KSTCONV_POISON", "0") == "1"
+    return config.knobs().poison
 
 
 def empty(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:

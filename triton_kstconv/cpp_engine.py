@@ -1,27 +1,31 @@
-"""The C++ CPU engine: builds ``csrc/kstconv.cpp`` once with ``torch.utils.cpp_extension`` (cached
-under ``TORCH_EXTENSIONS_DIR``), encodes the geometry's phase plans for it, and wraps its entry
-points as forward / grad_input / grad_weight functions on N-first tensors of any layout.
+"""The C++ CPU engine: builds ``csrc/`` once with ``torch.utils.cpp_extension`` (cached under
+``TORCH_EXTENSIONS_DIR``), encodes the geometry's phase plans for it, and wraps its entry points
+as forward / grad_input / grad_weight / joint backward functions on N-first tensors of any
+layout. Which strategy runs is the C++ chooser's decision (csrc/chooser.cpp); the knobs that
+force one (KSTCONV_METHOD and friends, KSTCONV_JOINT) come from ``config``.
 
 fp32 and fp64 run natively; fp16 and bf16 are computed in fp32 and cast once at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
+import hashlib
 import os
 import shutil
 import threading
 
 import torch
 
-from . import buffers, weight_cache
+from . import buffers, config, weight_cache
 from .epilogue import Activation
-from .geometry import ConvArgumentError, Geometry, adjoint_axis_phase
+from .geometry import ConvArgumentError, Geometry, pass_plan
 
 _LOCK = threading.Lock()
 _MODULE = None
-# Adjacent validity classes are merged while the zero taps they add stay under this fraction of
-# the useful ones (fewer, larger GEMMs). See perf/ for the sweep that chose it.
-MERGE_TAU = float(os.environ.get("KSTCONV_MERGE_TAU", "0.07"))
+# The strategy each pass last ran ("fwd", "dgrad", "wgrad"): the tests check a forced one ran.
+last_method: dict = {}
 
 
 class CompilerMissingError(RuntimeError):
@@ -30,7 +34,7 @@ class CompilerMissingError(RuntimeError):
 
 def _sources() -> list[str]:
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-    return [os.path.join(here, "kstconv.cpp")]
+    return sorted(glob.glob(os.path.join(here, "*.cpp")))
 
 
 def load(verbose: bool = False):
@@ -50,44 +54,60 @@ def load(verbose: bool = False):
                 "(KSTCONV_BACKEND=torch), the pure-PyTorch path.")
         from torch.utils.cpp_extension import load as _load
         flags = ["-O3", "-fopenmp", "-std=c++17"]
-        extra = os.environ.get("KSTCONV_CXXFLAGS", "").split()
-        name = "kstconv_cpu" + ("_" + str(abs(hash(" ".join(extra))) % 10**8) if extra else "")
-        _MODULE = _load(name=name, sources=_sources(), extra_cflags=flags + extra,
-                        extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
-                        verbose=verbose)
+        extra = list(config.knobs().cxxflags)
+        # a build of its own per set of extra flags (a stable name: built once, then cached)
+        tag = hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10] if extra else ""
+        mod = _load(name="kstconv_cpu" + (f"_{tag}" if tag else ""), sources=_sources(),
+                    extra_cflags=flags + extra,
+                    extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
+                    verbose=verbose)
+        mod.configure(config.knobs().blas == "aten")
+        _MODULE = mod
         return _MODULE
+
+
+def gemm_paths() -> dict:
+    """Which GEMMs the engine found in libtorch_cpu: MKL's sgemm (else at::mm), its packed
+    operands, ATen's brgemm (else the strategies that need it do not run)."""
+    return dict(load().gemm_paths())
+
+
+@contextlib.contextmanager
+def tuning(**values):
+    """Work-item sizes inside the block (the tests cut passes into many tiny items):
+    cols_cap, item_pixels, gemm_first_cap, brg_rows, brg_cols."""
+    mod = load()
+    saved = dict(mod.get_tuning())
+    mod.set_tuning(values)
+    try:
+        yield
+    finally:
+        mod.set_tuning(saved)
 
 
 # ------------------------------------------------------------------------------------- plans
 _UNIT_AXIS = [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]   # L_src L_dst a s n | dst_off Q T widx soff
 
 
-def _encode_axis(l_src, l_dst, a, s, phases) -> list[int]:
-    out = [l_src, l_dst, a, s, len(phases)]
-    for dst_off, ph in phases:
-        out += [dst_off, ph.num_out, ph.num_taps, *ph.taps, *ph.offsets]
-    return out
-
-
 @functools.lru_cache(maxsize=1024)
+def encode_plan(geom: Geometry, kind: str) -> list[int]:
+    """geometry.pass_plan(geom, kind) as the C++ plan's flat list (csrc/plan.h): per axis
+    (unit axes first for 1D/2D) L_src, L_dst, src_stride, dst_stride, n_phases, then per phase
+    dst_off, Q, T, widx[T], soff[T]."""
+    flat = _UNIT_AXIS * (3 - geom.ndim)
+    for ax in pass_plan(geom, kind).axes:
+        flat += [ax.src_len, ax.dst_len, ax.src_stride, ax.dst_stride, len(ax.phases)]
+        for ph in ax.phases:
+            flat += [ph.residue, ph.num_out, ph.num_taps, *ph.taps, *ph.offsets]
+    return flat
+
+
 def forward_plan(geom: Geometry) -> list[int]:
-    """Per axis: one phase per residue, gathering the input at stride 1."""
-    flat = _UNIT_AXIS * (3 - geom.ndim)
-    for ax in range(geom.ndim):
-        phases = [(ph.residue, ph) for ph in geom.axis_phases(ax)]
-        flat += _encode_axis(geom.in_size[ax], geom.out_size[ax], 1, geom.stride[ax], phases)
-    return flat
+    return encode_plan(geom, "forward")
 
 
-@functools.lru_cache(maxsize=1024)
 def grad_input_plan(geom: Geometry) -> list[int]:
-    """Per axis: one phase over the input positions, gathering grad_out at stride s."""
-    flat = _UNIT_AXIS * (3 - geom.ndim)
-    for ax in range(geom.ndim):
-        ph = adjoint_axis_phase(geom.in_size[ax], geom.kernel[ax], geom.stride[ax],
-                                geom.padding[ax], geom.dilation[ax])
-        flat += _encode_axis(geom.out_size[ax], geom.in_size[ax], geom.stride[ax], 1, [(0, ph)])
-    return flat
+    return encode_plan(geom, "grad_input")
 
 
 def _as5d(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +133,10 @@ def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reu
     ``reuse`` (a pass that records no graph) made once per weight version (weight_cache),
     else left to conv() itself. Returns (method, weight in the compute dtype, prepared)."""
     cdt = dst.dtype
-    m = mod.conv_method(src, _as5d(weight), dst, plan, groups, swap, method)
+    # the chooser reads the weight's shape and dtype only: a stand-in without storage
+    shape_only = torch.empty((), dtype=cdt).expand(_as5d(weight).shape)
+    m = mod.conv_method(src, shape_only, dst, plan, groups, swap, method)
+    last_method["dgrad" if swap else "fwd"] = m
     if not reuse:
         return m, weight.to(cdt), []
     key = ("cpp", swap, tuple(weight.shape), tuple(plan), groups, m,
@@ -144,10 +167,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     out = buffers.empty(shape, cdt, x.device, fmt)
     pre = buffers.empty(shape, cdt, x.device, fmt) if keep_pre else None
     plan = forward_plan(geom)
-    m, wc, prep = _conv(mod, xc, weight, _as5d(out), plan, geom.groups, False, method,
-                        state is None)
+    m, wc, prep = _conv(mod, xc, weight, _as5d(out), plan, geom.groups, False,
+                        method or config.knobs().method, state is None)
     mod.conv(xc, _as5d(wc), bc, _as5d(out), None if pre is None else _as5d(pre), plan,
-             geom.groups, False, act.code, act.param, MERGE_TAU, m, prep)
+             geom.groups, False, act.code, act.param, m, prep)
     if cdt != x.dtype:
         out = out.to(x.dtype)
         pre = pre.to(x.dtype) if pre is not None else None
@@ -163,9 +186,9 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, geom: Geometry,
     fmt = buffers.output_memory_format(geom.ndim, grad, weight)
     dx = buffers.empty(shape, cdt, grad.device, fmt)
     plan = grad_input_plan(geom)
-    m, wc, prep = _conv(mod, gc, weight, _as5d(dx), plan, geom.groups, True, method, False)
-    mod.conv(gc, _as5d(wc), None, _as5d(dx), None, plan, geom.groups, True, 0, 0.0, MERGE_TAU,
-             m, prep)
+    m, wc, prep = _conv(mod, gc, weight, _as5d(dx), plan, geom.groups, True,
+                        method or config.knobs().dgrad_method, False)
+    mod.conv(gc, _as5d(wc), None, _as5d(dx), None, plan, geom.groups, True, 0, 0.0, m, prep)
     return dx.to(grad.dtype)
 
 
@@ -173,9 +196,10 @@ def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometr
                 dtype: torch.dtype, method: int = 0) -> torch.Tensor:
     mod = load()
     cdt = _compute_dtype(dtype)
-    dw = torch.empty(tuple(weight_shape), dtype=cdt)   # the engine writes every element
-    mod.grad_weight(_as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
-                    grad_input_plan(geom), geom.groups, MERGE_TAU, method)
+    dw = buffers.empty(tuple(weight_shape), cdt, x.device)   # the engine writes every element
+    last_method["wgrad"] = mod.grad_weight(
+        _as5d(x.to(cdt)), _as5d(grad.to(cdt)), _as5d(dw), forward_plan(geom),
+        grad_input_plan(geom), geom.groups, method or config.knobs().wgrad_method)
     return dw.to(dtype)
 
 
@@ -198,7 +222,7 @@ def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ge
         return None
     mod = load()
     xs, gs, ws, geo = _as5d(x), _as5d(grad), _as5d(weight), _joint_geo(geom)
-    if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups):
+    if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups, config.knobs().joint):
         return None
     dx = dw = db = None
     if need_dx:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .geometry import ConvArgumentError
 
-# Codes shared with the C++ and Triton epilogues. Keep in sync with csrc/kstconv.cpp.
+# Codes shared with the C++ and Triton epilogues. Keep in sync with csrc/kstconv.h (Act) and
+# triton_kernels.py (ACT_*).
 CODES = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
          "tanh": 6, "sigmoid": 7}
 

@@ -1,46 +1,26 @@
 """The public functional API: ``conv_transpose1d/2d/3d`` with ``torch.nn.functional``'s
 signatures and argument semantics, plus ``activation=`` (a fused epilogue) and ``backend=``.
 
-Owns argument checking (errors that name the bad argument, as PyTorch's do), unbatched input,
-and the choice of engine: ``backend`` argument, else ``KSTCONV_BACKEND``, else by device (CPU
-tensors: the C++ engine; CUDA tensors: the Triton engine).
+Owns argument checking (errors that name the bad argument, as PyTorch's do) and unbatched
+input; the engine is the registry's choice (engines.py): ``backend`` argument, else
+``KSTCONV_BACKEND``, else by device.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import engines, ops
 from .epilogue import parse_activation
 from .geometry import ConvArgumentError, make_geometry, normalize_params
 
-BACKENDS = ("cpp", "triton", "torch")
+BACKENDS = engines.NAMES
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# Read once, at import: KSTCONV_BACKEND=cpp|triton|torch replaces the by-device default.
-_ENV_BACKEND = os.environ.get("KSTCONV_BACKEND") or None
-
-
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The engine name for a call on ``device``: an explicit ``backend``, else KSTCONV_BACKEND,
-    else ``"cpu"`` / ``"cuda"``, the device defaults (C++ engine / Triton engine, each falling
-    back to the pure-PyTorch engine, with a warning, where it cannot run)."""
-    if backend is None:
-        backend = _ENV_BACKEND
-    if backend is None:
-        return "cuda" if device.type == "cuda" else ("cpu" if device.type == "cpu" else "torch")
-    if backend not in BACKENDS:
-        raise ConvArgumentError(f"unknown backend={backend!r}; expected one of {BACKENDS} or None")
-    if backend == "cpp" and device.type != "cpu":
-        raise ConvArgumentError(f"backend='cpp' runs on CPU tensors, got a {device.type} tensor")
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConvArgumentError(
-            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before triton is "
-            "imported); use backend='cpp' for CPU work")
-    return backend
+    """The engine name for a call on ``device`` (engines.resolve)."""
+    return engines.resolve(backend, device)
 
 
 def _check_tensor(name: str, t, allow_none=False):

@@ -19,6 +19,7 @@ the axes' phases (s_1 * ... * s_d of them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -245,6 +246,53 @@ def adjoint_axis_phase(length: int, kernel: int, stride: int, padding: int, dila
     single phase over ``q = i`` whose ``offsets`` are relative to ``q * stride`` (ascending)."""
     taps = tuple(range(kernel))
     return AxisPhase(0, 1, length, taps, tuple(j * dilation - padding for j in taps))
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+    """One axis of a pass: destination position ``dst_stride * q + phase.residue`` reads, for tap
+    t, source position ``src_stride * q + phase.offsets[t]``, with weight index
+    ``phase.taps[t]``."""
+    src_len: int
+    dst_len: int
+    src_stride: int
+    dst_stride: int
+    phases: tuple[AxisPhase, ...]
+
+    def window(self, phase: AxisPhase) -> tuple[int, int]:
+        """The taps [t0, t1) of ``phase`` that meet a real source position for some q (a range:
+        the offsets are monotone); (0, 0) if none."""
+        hits = [t for t, off in enumerate(phase.offsets) if phase.num_out > 0 and
+                min(off, self.src_stride * (phase.num_out - 1) + off) < self.src_len and
+                max(off, self.src_stride * (phase.num_out - 1) + off) >= 0]
+        return (hits[0], hits[-1] + 1) if hits else (0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """What a pass multiplies, per spatial axis: the one plan type every engine encodes
+    (cpp_engine.py into a flat list, triton_engine.py into a phase table). ``forward``: source =
+    input, destination = output, one phase per residue. ``grad_input``: source = grad_out,
+    destination = grad_input, one phase over the input positions with every tap (an ordinary
+    strided convolution of grad_out)."""
+    kind: str
+    axes: tuple[AxisPlan, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def pass_plan(geom: Geometry, kind: str) -> PassPlan:
+    """The plan of one pass of ``geom`` ("forward" or "grad_input"), made once per geometry."""
+    axes = []
+    for a in range(geom.ndim):
+        L, k, s, p, d = (geom.in_size[a], geom.kernel[a], geom.stride[a], geom.padding[a],
+                         geom.dilation[a])
+        if kind == "forward":
+            axes.append(AxisPlan(L, geom.out_size[a], 1, s, tuple(geom.axis_phases(a))))
+        elif kind == "grad_input":
+            axes.append(AxisPlan(geom.out_size[a], L, s, 1, (adjoint_axis_phase(L, k, s, p, d),)))
+        else:
+            raise ValueError(f"pass_plan: kind must be 'forward' or 'grad_input', got {kind!r}")
+    return PassPlan(kind, tuple(axes))
 
 
 def valid_taps_per_q(phase: AxisPhase, length: int) -> list[range]:

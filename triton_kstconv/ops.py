@@ -14,41 +14,19 @@ engine by name (``"cpp"``, ``"torch"``, ``"triton"``); ``functional`` picks it.
 from __future__ import annotations
 
 import functools
-import importlib
-import warnings
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from . import epilogue
+from . import engines, epilogue
 from .buffers import output_memory_format
 from .epilogue import Activation
 from .geometry import Geometry, make_geometry, normalize_params
 
-_ENGINE_MODULES = {"cpp": "cpp_engine", "torch": "torch_engine", "triton": "triton_engine"}
-# Device defaults: the preferred engine, else the pure-PyTorch one.
-_DEFAULTS = {"cpu": "cpp", "cuda": "triton"}
-_RESOLVED: dict[str, str] = {}
-
-
 def engine(name: str):
-    """The engine module for a backend name (imported, or built, on first use). ``"cpu"`` and
-    ``"cuda"`` are the device defaults: they fall back to the pure-PyTorch engine, with one
-    warning, when the preferred engine cannot load (no compiler, no triton)."""
-    if name in _DEFAULTS:
-        if name not in _RESOLVED:
-            preferred = _DEFAULTS[name]
-            try:
-                mod = importlib.import_module(f".{_ENGINE_MODULES[preferred]}", __package__)
-                mod.load()
-                _RESOLVED[name] = preferred
-            except Exception as exc:
-                warnings.warn(f"triton_kstconv: the {preferred} engine is unavailable ({exc}); "
-                              "using the pure-PyTorch engine", RuntimeWarning, stacklevel=2)
-                _RESOLVED[name] = "torch"
-        name = _RESOLVED[name]
-    return importlib.import_module(f".{_ENGINE_MODULES[name]}", __package__)
+    """The engine for a registry name or device default (engines.get)."""
+    return engines.get(name)
 
 
 def geometry_of(in_size, kernel, stride, padding, output_padding, groups, dilation) -> Geometry:

@@ -18,6 +18,11 @@ from .geometry import AxisPhase, Geometry, Phase
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def load():
+    """Nothing to build or import: this engine runs wherever PyTorch does."""
+    return True
+
+
 def _conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
     """ConvTranspose layout [C_in, C_out/g, *k] -> Conv layout [C_out, C_in/g, *k]."""
     c_in, c_out_g = w.shape[:2]

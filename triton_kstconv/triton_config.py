@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from . import config
+
 _TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 KINDS = ("fwd", "dgrad", "wgrad")
 
@@ -196,16 +198,25 @@ def tuned_kernel(kind: str):
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("KSTCONV_AUTOTUNE", "1") != "0" and not interpreting()
+    return config.knobs().autotune and not interpreting()
 
 
-@functools.lru_cache(maxsize=1)
 def tuned_table() -> dict:
     """Configs chosen by perf/autotune.py for known shape keys (skips tuning at run time):
     every ``tuned/*.json`` shipped with the package, then ``KSTCONV_TUNED_TABLE`` if set."""
+    return _load_tables(config.knobs().tuned_table)
+
+
+def reload_tuned_tables():
+    """Forget the tables read so far (after writing one)."""
+    _load_tables.cache_clear()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tables(extra) -> dict:
     paths = sorted(glob.glob(os.path.join(_TUNED_DIR, "*.json")))
-    if os.environ.get("KSTCONV_TUNED_TABLE"):
-        paths.append(os.environ["KSTCONV_TUNED_TABLE"])
+    if extra:
+        paths.append(extra)
     table = {}
     for path in paths:
         with open(path) as f:

@@ -22,7 +22,7 @@ import torch
 from . import buffers, weight_cache
 from . import triton_config as cfgs
 from .epilogue import Activation
-from .geometry import Geometry
+from .geometry import Geometry, pass_plan
 
 # Configuration API, re-exported (perf/autotune.py, perf/static_check.py, the tests)
 interpreting = cfgs.interpreting
@@ -31,6 +31,7 @@ cudnn_conv_tf32 = cfgs.cudnn_conv_tf32
 forced_config = cfgs.forced_config
 config_log = cfgs.config_log
 tuned_table = cfgs.tuned_table
+reload_tuned_tables = cfgs.reload_tuned_tables
 heuristic_config = cfgs.heuristic_config
 shape_key = cfgs.shape_key
 device_name = cfgs.device_name
@@ -62,42 +63,28 @@ def _pad3(items, unit):
 _UNIT_AXIS = dict(L=1, A=1, S=1, STEP=0, JS=1, phases=[(1, 1, 0, 0, 0, 0, 1)])
 
 
-def _window(q: int, taps: int, off0: int, step: int, a: int, length: int):
-    """The taps t in [0, taps) whose source a * q' + off0 + t * step lies in [0, length) for
-    some q' in [0, q): a range, because the source is monotone in t."""
-    hits = [t for t in range(taps)
-            if q > 0 and min(off0 + t * step, a * (q - 1) + off0 + t * step) < length
-            and max(off0 + t * step, a * (q - 1) + off0 + t * step) >= 0]
-    return (hits[0], hits[-1] + 1) if hits else (0, 0)
-
-
 @functools.lru_cache(maxsize=256)
-def _forward_plan(geom: Geometry):
-    """Per-axis scalars and phases (Q, T, OFF, R, J0, TV0, TV1) of a forward pass."""
+def _axes(geom: Geometry, kind: str):
+    """geometry.pass_plan(geom, kind) as the kernels see it: per axis (unit axes first) L, A
+    (source stride), S (destination stride), STEP (source offset step per tap), JS (kernel
+    index step per tap) and per phase (Q, T, OFF, R, J0, TV0, TV1)."""
     axes = []
-    for a in range(geom.ndim):
+    for a, ax in enumerate(pass_plan(geom, kind).axes):
         s, d = geom.stride[a], geom.dilation[a]
-        step = -(d // math.gcd(s, d))
-        phases = []
-        for ph in geom.axis_phases(a):
-            off = ph.offsets[0] if ph.num_taps else 0
-            phases.append((ph.num_out, ph.num_taps, off, ph.residue,
-                           ph.taps[0] if ph.num_taps else 0,
-                           *_window(ph.num_out, ph.num_taps, off, step, 1, geom.in_size[a])))
-        axes.append(dict(L=geom.in_size[a], A=1, S=s, STEP=step, JS=s // math.gcd(s, d),
-                         phases=phases))
+        step, js = (-(d // math.gcd(s, d)), s // math.gcd(s, d)) if kind == "forward" else (d, 1)
+        axes.append(dict(L=ax.src_len, A=ax.src_stride, S=ax.dst_stride, STEP=step, JS=js,
+                         phases=[(ph.num_out, ph.num_taps, ph.offsets[0] if ph.num_taps else 0,
+                                  ph.residue, ph.taps[0] if ph.num_taps else 0, *ax.window(ph))
+                                 for ph in ax.phases]))
     return _pad3(axes, _UNIT_AXIS)
 
 
-@functools.lru_cache(maxsize=256)
+def _forward_plan(geom: Geometry):
+    return _axes(geom, "forward")
+
+
 def _grad_input_plan(geom: Geometry):
-    axes = []
-    for a in range(geom.ndim):
-        k, s, d, p = geom.kernel[a], geom.stride[a], geom.dilation[a], geom.padding[a]
-        axes.append(dict(L=geom.out_size[a], A=s, S=1, STEP=d, JS=1, phases=[
-            (geom.in_size[a], k, -p, 0, 0, *_window(geom.in_size[a], k, -p, d, s,
-                                                     geom.out_size[a]))]))
-    return _pad3(axes, _UNIT_AXIS)
+    return _axes(geom, "grad_input")
 
 
 def phase_table(axes, c_dst_g: int):
@@ -545,7 +532,6 @@ def joint_backward(grad, x, weight, geom: Geometry, need_dx: bool, need_dw: bool
     kernel layout once (that pass also sums grad_bias, which grad_weight's launch adds up), the
     weight packed by the forward and x as the forward left it in ``state``."""
     _check_device(grad)
-    g = geom.groups
     state = state or {}
     wp = state.get("dgrad")
     want = ("dgrad",) if need_dx and wp is None else ()

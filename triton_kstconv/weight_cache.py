@@ -24,23 +24,23 @@ checks). After such an edit, call ``triton_kstconv.clear_weight_cache()``, or ed
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable, Hashable, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import config
+
 _ENTRIES = WeakIdKeyDictionary()   # weight -> {(key, part): (stamp, packed tensor)}
 _LOCK = threading.Lock()
-ENABLED = os.environ.get("KSTCONV_WEIGHT_CACHE", "1") != "0"
 PER_WEIGHT = 16   # packings kept per weight; past that, the one made longest ago goes
 stats = {"hits": 0, "packs": 0}
 
 
 def _stamp(weight: torch.Tensor):
     """What identifies the weight's contents, or None where it cannot be tracked."""
-    if not ENABLED or weight.is_inference():
+    if not config.knobs().weight_cache or weight.is_inference():
         return None
     if weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None

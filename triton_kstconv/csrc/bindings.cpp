@@ -1,0 +1,219 @@
+// The Python entry points of the C++ engine: argument checks, then the chooser and the strategy.
+#include <torch/extension.h>
+
+#include "blas.h"
+#include "chooser.h"
+#include "packing.h"
+#include "strategies.h"
+
+namespace kst {
+
+namespace {
+
+void check5(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 5, "kstconv: ", name, " must be 5-d here, got ", t.dim(), "-d");
+  TORCH_CHECK(t.device().is_cpu(), "kstconv: ", name, " must be a CPU tensor");
+}
+
+void check_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& dst,
+                i64 groups) {
+  check5(src, "src"); check5(weight, "weight"); check5(dst, "dst");
+  TORCH_CHECK(groups >= 1 && src.size(1) % groups == 0 && dst.size(1) % groups == 0,
+              "kstconv: channels not divisible by groups");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type() && weight.scalar_type() == src.scalar_type(),
+              "kstconv: dtype mismatch");
+}
+
+}  // namespace
+
+// Once, before any other call: KSTCONV_BLAS=aten takes at::mm for every GEMM.
+void configure(bool use_aten) { blas(use_aten); }
+
+// Which GEMMs the engine found (the tests and the benchmarks say it).
+std::map<std::string, bool> gemm_paths() {
+  const Blas& b = blas();
+  return {{"mkl_gemm", b.sgemm != nullptr}, {"mkl_packed_gemm", b.spack != nullptr},
+          {"brgemm", b.brgemm != nullptr}};
+}
+
+// The work-item sizes (tests: many tiny items); a missing key keeps its value.
+void set_tuning(const std::map<std::string, i64>& values) {
+  Tuning& t = tuning();
+  for (const auto& [key, v] : values) {
+    TORCH_CHECK(v >= 1, "kstconv: tuning value ", key, "=", v, " must be positive");
+    if (key == "cols_cap") t.cols_cap = v;
+    else if (key == "item_pixels") t.item_pixels = v;
+    else if (key == "gemm_first_cap") t.gemm_first_cap = v;
+    else if (key == "brg_rows") t.brg_rows = v;
+    else if (key == "brg_cols") t.brg_cols = v;
+    else TORCH_CHECK(false, "kstconv: no tuning value ", key);
+  }
+}
+
+std::map<std::string, i64> get_tuning() {
+  const Tuning& t = tuning();
+  return {{"cols_cap", t.cols_cap}, {"item_pixels", t.item_pixels},
+          {"gemm_first_cap", t.gemm_first_cap}, {"brg_rows", t.brg_rows},
+          {"brg_cols", t.brg_cols}};
+}
+
+// The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
+// error saying why.
+i64 conv_method(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& dst,
+                const std::vector<i64>& plan, i64 groups, bool swap, i64 forced) {
+  check_conv(src, weight, dst, groups);
+  return conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap, int(forced));
+}
+
+// The weight prepared for `method` (a conv_method result): what conv() would otherwise make on
+// every call. Returned as a list of tensors for the Python cache.
+std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& weight,
+                                    const at::Tensor& dst, const std::vector<i64>& plan,
+                                    i64 groups, bool swap, i64 method) {
+  check_conv(src, weight, dst, groups);
+  Prepared prep;
+  if (method == kGemmFirst || method == kStreamWeight) {  // the weight in its own order
+    if (!weight.is_contiguous()) prep.packed = weight.contiguous();
+    return prep.to_list();
+  }
+  const Plan P(plan, 0.0);  // the taps that meet a real input (merging does not change them)
+  const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_pack", [&] {
+    prep.packed = pack_plain<scalar_t>(weight, P, groups, Csrc_g, Cdst_g, swap,
+                                       method == kImplicitKM);
+    if (method == kPatchBlas)
+      prep.mkl = mkl_pack_weights<scalar_t>(prep.packed.data_ptr<scalar_t>(),
+                                            PackIndex(P, Csrc_g, Cdst_g), groups, P.P,
+                                            channels_last_like(src));
+  });
+  return prep.to_list();
+}
+
+// Forward (swap = false) or grad_input (swap = true, no bias, no activation): dst / pre written
+// in place (pre may be None). `method`: a conv_method result; `prepared`: pack_weight's result
+// for it, or empty (then the weight is packed here).
+void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+          at::Tensor dst, c10::optional<at::Tensor> pre, const std::vector<i64>& plan, i64 groups,
+          bool swap, i64 act, double slope, i64 method, const std::vector<at::Tensor>& prepared) {
+  check_conv(src, weight, dst, groups);
+  TORCH_CHECK(method >= kPatchBlas && method <= kStreamWeight &&
+                  method == conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap,
+                                        int(method)),
+              "kstconv: method ", method, " cannot run here (ask conv_method)");
+  for (const at::Tensor& t : prepared)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "kstconv: bad prepared weight");
+  const Prepared prep = Prepared::from(prepared);
+  if (prep.packed.defined() && method != kGemmFirst && method != kStreamWeight)
+    TORCH_CHECK(prep.packed.scalar_type() == src.scalar_type(), "kstconv: prepared weight dtype");
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor pr = pre.has_value() ? *pre : at::Tensor();
+  // methods 2 and 6 read the weight in its own order: a cached contiguous copy, if any
+  const at::Tensor& w_dense = prep.packed.defined() ? prep.packed : weight;
+  switch (method) {
+    case kImplicitMK:   // exact classes on d/h; along w merged (reads a zero-padded copy)
+      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0, true, kMergeTauW), groups, swap,
+                    int(act), slope, false, prep.packed);
+      return;
+    case kImplicitKM:   // exact classes: the source is read in place
+      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, int(act), slope,
+                    true, prep.packed);
+      return;
+    case kStreamWeight:  // one class per axis, every tap
+      grad_input_stream_weight(src, w_dense, dst, Plan(plan, 1e30, false), groups);
+      return;
+    case kGemmFirst:
+      conv_gemm_first(src, w_dense, b, dst, pr, Plan(plan, kMergeTau), groups, int(act), slope);
+      return;
+    default:            // 1 and 5
+      conv_patch(src, weight, b, dst, pr, Plan(plan, kMergeTau), groups, swap, int(act), slope,
+                 method == kPatchBrgemm, prep);
+  }
+}
+
+// grad_weight into dw (contiguous); `forced` 0: the rules. Returns the method that ran.
+i64 grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
+                const std::vector<i64>& plan, const std::vector<i64>& gi_plan, i64 groups,
+                i64 forced) {
+  check5(x, "input"); check5(dy, "grad_output"); check5(dw, "grad_weight");
+  TORCH_CHECK(x.scalar_type() == dy.scalar_type() && dw.scalar_type() == x.scalar_type(),
+              "kstconv: dtype mismatch");
+  TORCH_CHECK(dw.is_contiguous(), "kstconv: grad_weight output must be contiguous");
+  const Plan P(plan, kMergeTau);
+  const WgradMethod m = grad_weight_method(P, x, dy, dw, groups, int(forced));
+  if (m == kWgradBrgemm) grad_weight_brgemm(x, dy, dw, Plan(plan, 0.0, false), groups);
+  else if (m == kWgradGemmFirst)  // one class per axis: all taps, zero-filled
+    grad_weight_gemm_first(x, dy, dw, Plan(gi_plan, 1e30, false), groups);
+  else grad_weight_patch(x, dy, dw, P, groups);
+  return m;
+}
+
+// Whether the joint backward serves a layer (mode: 0 never, 1 wherever it can run, -1 the rules).
+bool joint_backward_ok(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                       const std::vector<i64>& geo, i64 groups, i64 mode) {
+  check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
+  const JointGeo G(geo);
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && dy.size(1) == weight.size(1) * groups &&
+                  weight.size(0) == x.size(1) && dy.size(0) == x.size(0),
+              "kstconv: joint backward: inconsistent channels, batch or groups");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(x.size(2 + d) == G.L[d] && dy.size(2 + d) == G.Lo[d] &&
+                    weight.size(2 + d) == G.k[d] && G.s[d] >= 1 && G.dil[d] >= 1 && G.p[d] >= 0,
+                "kstconv: joint backward: geometry does not match the tensors on axis ", d);
+  return joint_backward_chosen(G, x, dy, weight, groups, int(mode));
+}
+
+// grad_input, grad_weight, grad_bias in one pass; outputs that are None are not computed.
+void joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                    c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> db, const std::vector<i64>& geo, i64 groups) {
+  const JointGeo G(geo);
+  TORCH_CHECK(joint_backward_fits(G, x, dy, weight, groups, true),
+              "kstconv: the joint backward cannot run this layer");
+  at::Tensor dxt = dx.has_value() ? *dx : at::Tensor(), dwt = dw.has_value() ? *dw : at::Tensor();
+  at::Tensor dbt = db.has_value() ? *db : at::Tensor();
+  auto same = [](const at::Tensor& t, const at::Tensor& like, const char* name) {
+    check5(t, name);
+    TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == at::kFloat, "kstconv: ", name,
+                " has the wrong shape or dtype");
+  };
+  if (dxt.defined()) same(dxt, x, "grad_input");
+  if (dwt.defined()) same(dwt, weight, "grad_weight");
+  TORCH_CHECK(!dbt.defined() || (dbt.is_contiguous() && dbt.device().is_cpu() &&
+                                 dbt.scalar_type() == at::kFloat && dbt.dim() == 1 &&
+                                 dbt.size(0) == dy.size(1)),
+              "kstconv: grad_bias must be a contiguous float32 CPU vector of C_out elements");
+  joint_backward_run(x, dy, weight, dxt, dwt, dbt, G, groups);
+}
+
+// The validity classes of a plan (per axis, per phase: (q0, q1, t0, t1) before trimming), for
+// the test that checks them against geometry.validity_classes.
+std::vector<std::vector<std::vector<std::vector<i64>>>> plan_classes(
+    const std::vector<i64>& plan) {
+  const Plan P(plan, 0.0, false);
+  std::vector<std::vector<std::vector<std::vector<i64>>>> out(3);
+  for (int d = 0; d < 3; ++d)
+    for (const auto& phase : P.cls[d]) {
+      out[d].emplace_back();
+      for (const Cls& c : phase) out[d].back().push_back({c.q0, c.q1, c.t0, c.t1});
+    }
+  return out;
+}
+
+}  // namespace kst
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("configure", &kst::configure, "once, first: KSTCONV_BLAS=aten");
+  m.def("gemm_paths", &kst::gemm_paths, "which GEMMs were found in libtorch_cpu");
+  m.def("set_tuning", &kst::set_tuning, "work-item sizes (tests)");
+  m.def("get_tuning", &kst::get_tuning, "work-item sizes");
+  m.def("conv_method", py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::vector<kst::i64>&, kst::i64, bool,
+                                         kst::i64>(&kst::conv_method),
+        "the method conv() runs for these arguments");
+  m.def("pack_weight", &kst::pack_weight, "the weight prepared for a conv method (cacheable)");
+  m.def("conv", &kst::conv, "gather-GEMM-scatter over a phase plan (forward, grad_input)");
+  m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient; returns the method run");
+  m.def("joint_backward_ok", &kst::joint_backward_ok, "whether the joint backward serves a layer");
+  m.def("joint_backward", &kst::joint_backward, "grad_input, grad_weight, grad_bias in one pass");
+  m.def("plan_classes", &kst::plan_classes, "a plan's validity classes, untrimmed");
+}

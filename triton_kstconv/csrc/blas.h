@@ -1,0 +1,55 @@
+// The GEMMs PyTorch itself ships, found in libtorch_cpu at first use: MKL's sgemm_ / dgemm_ and
+// its packed-operand API, and ATen's batch-reduce brgemm (oneDNN's micro-kernel where the CPU
+// has one). Where a symbol is missing the engine says so once (a warning) and takes the next
+// path: at::mm for the GEMMs, the non-brgemm strategies without brgemm.
+#pragma once
+
+#include "kstconv.h"
+
+namespace kst {
+
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*,
+                        const float*, const float*, const int*, const float*, const int*,
+                        const float*, float*, const int*);
+typedef void (*dgemm_t)(const char*, const char*, const int*, const int*, const int*,
+                        const double*, const double*, const int*, const double*, const int*,
+                        const double*, double*, const int*);
+// MKL's packed-operand API (cblas_sgemm_pack / _compute): an operand packed once and reused.
+typedef size_t (*spack_size_t)(int, int, int, int);
+typedef void (*spack_t)(int, int, int, int, int, int, float, const float*, int, float*);
+typedef void (*scompute_t)(int, int, int, int, int, int, const float*, int, const float*, int,
+                           float, float*, int);
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kAMatrix = 161,
+       kBMatrix = 162 };
+// ATen's batch-reduce GEMM (at::native::cpublas::brgemm, f32):
+// (M, N, K, lda, ldb, ldc, accumulate, A, B, C, is_vnni)
+typedef void (*brgemm_t)(i64, i64, i64, i64, i64, i64, bool, const float*, const float*, float*,
+                         bool);
+
+struct Blas {
+  sgemm_t sgemm = nullptr;
+  dgemm_t dgemm = nullptr;
+  brgemm_t brgemm = nullptr;
+  spack_size_t spack_size = nullptr;
+  spack_t spack = nullptr;
+  scompute_t scompute = nullptr;
+};
+
+// The GEMMs found (looked up once; `use_aten`, from KSTCONV_BLAS=aten, given at the first call:
+// at::mm for every GEMM, no brgemm).
+const Blas& blas(bool use_aten = false);
+
+// Column-major GEMM: C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (beta == 0: C not read).
+template <typename T>
+void gemm_cm(bool ta, bool tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda, const T* b,
+             i64 ldb, T beta, T* c, i64 ldc);
+
+// Row-major GEMM: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
+template <typename T>
+inline void gemm_rm(bool ta, bool tb, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda,
+                    const T* B, i64 ldb, T beta, T* C, i64 ldc) {
+  // row-major C = col-major C^T = op(B)^T op(A)^T
+  gemm_cm<T>(tb, ta, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+}  // namespace kst

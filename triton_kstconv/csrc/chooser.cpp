@@ -1,0 +1,162 @@
+// The strategy rules of the C++ engine (see chooser.h).
+#include "chooser.h"
+
+#include "blas.h"
+
+namespace kst {
+
+namespace {
+
+// Cost, in passes over one element of memory, of the two orders; a multiply-add counts as
+// 1/kFlopsPerPass of a pass. Patch-first (A) writes a patch matrix of the input per phase, which
+// MKL then packs again; GEMM-first (B) writes C = W^T x (c_out * k^d per input pixel) and the
+// gather reads it once, but multiplies the taps that fall outside the output too.
+struct OrderCost {
+  double a, b;
+};
+
+inline double valid_pairs(const Axis& A) {  // sum over phases and q of the valid taps
+  double v = 0;
+  for (const AxisPhase& ph : A.ph)
+    for (i64 q = 0; q < ph.Q; ++q)
+      for (i64 off : ph.soff) v += (A.a * q + off >= 0 && A.a * q + off < A.L_src);
+  return v;
+}
+
+OrderCost order_cost(const Plan& P, i64 N, i64 Cin_g, i64 Cout_g, i64 groups, const i64 kk[3]) {
+  const double fpp = kFlopsPerPass;
+  double pairs = N * double(groups), in_px = N * double(groups), out_px = N * double(groups);
+  for (int d = 0; d < 3; ++d) {
+    pairs *= valid_pairs(P.ax[d]);
+    in_px *= double(P.ax[d].L_src);
+    out_px *= double(P.ax[d].L_dst);
+  }
+  const double KK = double(kk[0] * kk[1] * kk[2]);
+  OrderCost c;
+  c.a = 3.0 * Cin_g * pairs + 2.0 * Cout_g * out_px + 2.0 * Cin_g * Cout_g * pairs / fpp;
+  c.b = 2.0 * Cout_g * KK * in_px + Cin_g * in_px + Cout_g * out_px +
+        2.0 * Cin_g * Cout_g * KK * in_px / fpp;
+  return c;
+}
+
+// The rules (no forcing): see README "CPU engine" for the strategies.
+Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
+                       const at::Tensor& weight, i64 groups, bool swap) {
+  const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
+  const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
+  const bool brg = src.scalar_type() == at::kFloat && blas().brgemm;
+  const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
+  double taps = 0;  // mean taps per phase
+  for (i64 p = 0; p < P.P; ++p) taps += double(P.taps(p)) / double(P.P);
+  // Weight-heavy (few pixels, a big weight, batch-1 decoders' deep layers): stream the weight
+  // once, in place (GEMM first forward; weight-streaming grad_input).
+  const bool weight_heavy = weight.numel() > 2 * (src.numel() + dst.numel());
+  if (!swap) {
+    if (!brg) {
+      const OrderCost c = order_cost(P, src.size(0), Csrc_g, Cdst_g, groups, kk);
+      return c.b < c.a ? kGemmFirst : kPatchBlas;
+    }
+    if (Cdst_g <= 8 || in_img <= 4 || weight_heavy) return kGemmFirst;
+    i64 qw = 0;
+    for (const AxisPhase& ph : P.ax[2].ph) qw = std::max(qw, ph.Q);
+    if (!channels_last_like(src) && src.stride(4) == 1 &&
+        ((taps <= 1.0 && qw >= 16) || (taps <= 2.0 && qw >= 256)))
+      return kImplicitKM;
+    return kImplicitMK;
+  }
+  const i64 dx_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
+  if (weight_heavy || dx_img <= 4) return kStreamWeight;
+  if (!brg) return kPatchBlas;
+  // grad_input: src = grad_out (channels Csrc_g = C_out/g), one phase over the input positions
+  const i64 out_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
+  bool k_eq_s = true;
+  for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].a;
+  const i64 KK = kk[0] * kk[1] * kk[2];
+  const bool one_d = P.ax[0].L_dst == 1 && P.ax[1].L_dst == 1;
+  if (Csrc_g <= 8 || (one_d && Csrc_g <= 32 && KK <= 16) || (k_eq_s && out_img >= 1024)) return kPatchBlas;
+  return kImplicitMK;
+}
+
+const char* method_name(int m) {
+  switch (m) {
+    case kPatchBlas: return "1 (patch matrix x BLAS)";
+    case kGemmFirst: return "2 (GEMM first)";
+    case kImplicitMK: return "3 (implicit GEMM, MK)";
+    case kImplicitKM: return "4 (implicit GEMM, KM)";
+    case kPatchBrgemm: return "5 (patch matrix x brgemm)";
+    case kStreamWeight: return "6 (weight streaming)";
+    default: return "unknown";
+  }
+}
+
+}  // namespace
+
+Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
+                   const at::Tensor& weight, i64 groups, bool swap, int forced) {
+  if (forced == kAutoMethod) return rule_conv_method(P, src, dst, weight, groups, swap);
+  const bool f32 = src.scalar_type() == at::kFloat, brg = blas().brgemm != nullptr;
+  TORCH_CHECK(forced >= kPatchBlas && forced <= kStreamWeight, "kstconv: no method ", forced,
+              " (1-6)");
+  const char* why = nullptr;
+  if ((forced == kImplicitMK || forced == kImplicitKM || forced == kPatchBrgemm) && !(f32 && brg))
+    why = f32 ? "needs ATen's brgemm, which this PyTorch does not export" : "needs float32";
+  else if (forced == kImplicitKM && !(src.stride(4) == 1 && P.ax[2].a == 1))
+    why = "reads the source in place: needs unit pixel stride along w and a stride-1 gather";
+  else if (forced == kGemmFirst && swap)
+    why = "serves the forward only";
+  else if (forced == kStreamWeight && !swap)
+    why = "serves grad_input only";
+  TORCH_CHECK(why == nullptr, "kstconv: method ", method_name(forced), " cannot run this ",
+              swap ? "grad_input" : "forward", ": it ", why);
+  return Method(forced);
+}
+
+WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Tensor& dy,
+                               const at::Tensor& dw, i64 groups, int forced) {
+  const bool brg = x.scalar_type() == at::kFloat && blas().brgemm;
+  if (forced != kAutoWgrad) {
+    TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradBrgemm, "kstconv: no grad_weight "
+                "method ", forced, " (1-3)");
+    TORCH_CHECK(forced != kWgradBrgemm || brg, "kstconv: grad_weight method 3 (brgemm) cannot "
+                "run here: it needs float32 and ATen's brgemm");
+    return WgradMethod(forced);
+  }
+  // 1: phase patch matrix x BLAS; 2: input x patch matrix of grad_out (weight's own order);
+  // 3: brgemm, no patch matrix.
+  const i64 kk[3] = {dw.size(2), dw.size(3), dw.size(4)};
+  const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
+  const OrderCost c = order_cost(P, x.size(0), Cin_g, Cout_g, groups, kk);
+  const bool weight_heavy = dw.numel() > 2 * (x.numel() + dy.numel());
+  bool k_eq_s = true;
+  for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
+  const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
+  const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
+  if (weight_heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
+  if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !(one_d && Cin_g <= 128))
+    return kWgradBrgemm;
+  return c.b < c.a ? kWgradGemmFirst : kWgradPatch;
+}
+
+bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
+                         const at::Tensor& weight, i64 groups, bool any) {
+  if (x.scalar_type() != at::kFloat || !blas().brgemm) return false;
+  if (x.numel() == 0 || dy.numel() == 0 || weight.numel() == 0) return false;
+  const i64 Cout = dy.size(1), Cin_g = x.size(1) / groups, Cout_g = Cout / groups;
+  const i64 cache = G.slots_d() * G.slots_h() * G.row_width() * Cout * 4;
+  const i64 wbytes = weight.numel() * 4;
+  if (cache > (i64(1) << 20) || wbytes * kJointSplits > (i64(64) << 20)) return false;
+  if (any) return true;
+  // The grad_weight tile of one (kd, kh), [c_in, kw x c_out], is re-read and re-written by every
+  // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
+  // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
+  const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
+  return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
+         tile <= (i64(128) << 10);
+}
+
+bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
+                           const at::Tensor& weight, i64 groups, int mode) {
+  return mode != 0 && joint_backward_fits(G, x, dy, weight, groups, mode == 1);
+}
+
+}  // namespace kst

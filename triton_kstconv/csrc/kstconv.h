@@ -1,0 +1,174 @@
+// C++ CPU engine of triton_kstconv: the types every file shares.
+//
+// One mechanism serves the forward pass and grad_input: "gather, GEMM, scatter" over a plan that
+// the Python side computes (triton_kstconv/geometry.py, encoded by cpp_engine.py). Per spatial
+// axis (always three here; 1D/2D calls add unit axes) the plan lists phases; a phase writes
+// destination positions  dst_stride * q + dst_off  for q in [0, Q) and reads, for tap t, source
+// position  src_stride * q + src_off[t]  with weight index widx[t].
+//   forward:    src = input,  dst = output, one phase per residue r: dst_stride = s, dst_off = r,
+//               src_stride = 1, taps T_r with src_off = (r + p - j*d) / s.
+//   grad_input: src = grad_out, dst = grad_in, one phase: dst_stride = 1, src_stride = s,
+//               all taps with src_off = j*d - p  (an ordinary strided convolution).
+// Each phase is split into validity classes (runs of q with the same valid tap range), so no
+// multiply-add ever touches an absent input.
+//
+// Files, one job each:
+//   kstconv.h             shared types: sizes, strategies, tensor views, the epilogue, drivers
+//   blas.h / .cpp         the GEMMs PyTorch ships (MKL's sgemm_, its packed API, ATen's brgemm)
+//   plan.h / .cpp         the plan: decoding, validity classes, blocks, work items
+//   patches.h             patch matrices: im2col, the scatter of a GEMM's result, gather
+//   layout.h / .cpp       layout copies: transposes, channels-last copies, de-interleaving
+//   packing.h / .cpp      weight packing (plain and MKL's packed operands), prepared weights
+//   strategies.h          the entry points of the strategies below
+//   forward_patch.cpp     methods 1 and 5: phase patch matrix x BLAS / brgemm
+//   forward_implicit.cpp  methods 3 and 4: implicit GEMM, brgemm tiles, no patch matrix
+//   forward_gemm_first.cpp  method 2: GEMM first, then each phase gathers its taps
+//   grad_input_stream.cpp method 6: grad_input streaming the weight once
+//   grad_weight.cpp       grad_weight methods 1 and 2
+//   grad_weight_brgemm.cpp  grad_weight method 3
+//   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
+//   chooser.h / .cpp      every rule that picks a strategy
+//   bindings.cpp          the Python entry points: argument checks, then the chooser
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace kst {
+
+using i64 = int64_t;
+
+inline i64 ceil_div(i64 a, i64 b) {  // b > 0, any sign of a
+  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+}
+
+// ---------------------------------------------------------------------------- strategies
+// forward (and grad_input, which is the same gather-GEMM-scatter over its own plan)
+enum Method : int {
+  kAutoMethod = 0,
+  kPatchBlas = 1,      // phase patch matrix x BLAS (the general path, float64 included)
+  kGemmFirst = 2,      // C = W^T x first, then each phase gathers its taps (forward only)
+  kImplicitMK = 3,     // implicit GEMM, brgemm tiles [pixels x c_src] from a channels-last copy
+  kImplicitKM = 4,     // implicit GEMM, brgemm tiles [c_dst x c_src], the source read in place
+  kPatchBrgemm = 5,    // phase patch matrix (channels-last) x brgemm tiles
+  kStreamWeight = 6,   // grad_input reading the weight once, in place (weight-heavy layers)
+};
+enum WgradMethod : int {
+  kAutoWgrad = 0,
+  kWgradPatch = 1,     // per phase dY x patch matrix of x, BLAS
+  kWgradGemmFirst = 2, // x x patch matrix of grad_out, in the weight's own order
+  kWgradBrgemm = 3,    // brgemm, no patch matrix, de-interleaved grad_out planes
+};
+
+// -------------------------------------------------------------------- tuning constants
+// Read off the real-layer suite (perf/results) on a 2-core machine. The work-item sizes are
+// settable (bindings: set_tuning) so that the tests can cut a pass into many tiny items.
+struct Tuning {
+  i64 cols_cap = i64(1) << 21;      // elements of one patch matrix
+  i64 item_pixels = 1024;           // destination pixels per phase of a patch-matrix item
+  i64 gemm_first_cap = i64(1) << 20;  // elements of GEMM-first's C buffer
+  i64 brg_rows = 32;                // implicit MK: pixels per brgemm tile
+  i64 brg_cols = 64;                // implicit KM: pixels per brgemm tile
+};
+Tuning& tuning();
+
+constexpr double kMergeTau = 0.07;         // validity classes merged while the zero taps a
+                                           // merge adds stay under this fraction
+constexpr double kMergeTauW = 0.15;        // the same along w for the implicit MK path
+constexpr i64 kBrgChannels = 128;          // implicit KM: destination channels per tile
+constexpr i64 kWgradPixels = 256;          // grad_weight brgemm: pixels per reduction step
+constexpr double kFlopsPerPass = 24;       // order cost: multiply-adds worth one memory pass
+
+// ---------------------------------------------------------------------------- tensor views
+// A 5-d tensor (N, C, D, H, W) as a pointer and strides.
+template <typename T>
+struct View5 {
+  T* p;
+  i64 size[5], st[5];
+  explicit View5(const at::Tensor& t)
+      : p(t.defined() ? t.data_ptr<std::remove_const_t<T>>() : nullptr) {
+    for (int i = 0; i < 5; ++i) {
+      size[i] = t.defined() ? t.size(i) : 0;
+      st[i] = t.defined() ? t.stride(i) : 0;
+    }
+  }
+  // element (n, c, d, h, w); null for an undefined tensor
+  T* at(i64 n, i64 c, i64 d, i64 h, i64 w) const {
+    return p ? p + n * st[0] + c * st[1] + d * st[2] + h * st[3] + w * st[4] : nullptr;
+  }
+};
+
+inline bool channels_last_like(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
+
+// -------------------------------------------------------------------------------- epilogue
+enum Act { NONE = 0, RELU, LEAKY, SILU, GELU, GELU_TANH, TANH, SIGMOID };
+
+template <typename T, int ACT>
+inline T act_fn(T v, T slope) {
+  if constexpr (ACT == RELU) return v > T(0) ? v : T(0);
+  else if constexpr (ACT == LEAKY) return v > T(0) ? v : v * slope;
+  else if constexpr (ACT == SILU) return v / (T(1) + std::exp(-v));
+  else if constexpr (ACT == GELU) return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+  else if constexpr (ACT == GELU_TANH) {
+    const T k = T(M_2_SQRTPI * M_SQRT1_2);  // sqrt(2/pi)
+    return T(0.5) * v * (T(1) + std::tanh(k * (v + T(0.044715) * v * v * v)));
+  } else if constexpr (ACT == TANH) return std::tanh(v);
+  else if constexpr (ACT == SIGMOID) return T(1) / (T(1) + std::exp(-v));
+  else return v;
+}
+
+// The one dispatch from a runtime activation code to a compile-time one:
+// with_act(act, [&](auto A) { f<decltype(A)::value>(...); }).
+template <typename F>
+inline decltype(auto) with_act(int act, F&& f) {
+  switch (act) {
+    case RELU: return f(std::integral_constant<int, RELU>{});
+    case LEAKY: return f(std::integral_constant<int, LEAKY>{});
+    case SILU: return f(std::integral_constant<int, SILU>{});
+    case GELU: return f(std::integral_constant<int, GELU>{});
+    case GELU_TANH: return f(std::integral_constant<int, GELU_TANH>{});
+    case TANH: return f(std::integral_constant<int, TANH>{});
+    case SIGMOID: return f(std::integral_constant<int, SIGMOID>{});
+    default: return f(std::integral_constant<int, NONE>{});
+  }
+}
+
+// The one epilogue store of every forward path: y = act(v + bias[c]), and pre = v + bias[c]
+// where the activation's derivative needs the value before it.
+template <typename T, int ACT>
+struct Store {
+  const T* bias;
+  T slope;
+  inline void operator()(T* y, T* pre, T v, i64 c) const {
+    if (bias) v += bias[c];
+    *y = act_fn<T, ACT>(v, slope);
+    if (pre) *pre = v;
+  }
+};
+
+// ----------------------------------------------------------------------------- drivers
+// Runs f(begin, end) over [0, n): in parallel when `par`, else inline.
+template <typename F>
+void maybe_parallel(bool par, i64 n, F&& f) {
+  if (par && n > 1) at::parallel_for(0, n, 1, f);
+  else if (n > 0) f(0, n);
+}
+
+// Whether a pass of n work items runs them on all threads (each GEMM inside single-threaded).
+inline bool items_in_parallel(i64 n) {
+  const int t = at::get_num_threads();
+  return n >= t && t > 1;
+}
+
+}  // namespace kst

@@ -1,0 +1,66 @@
+// The entry points of the C++ engine's strategies (one file each, see kstconv.h). Destinations
+// are written in place; undefined tensors (bias, pre) mean "none". The chooser (chooser.h)
+// decides which runs; bindings.cpp checks the arguments first.
+#pragma once
+
+#include "packing.h"
+#include "plan.h"
+
+namespace kst {
+
+// forward / grad_input (swap = true: grad_input, no bias or activation) -------------------
+// methods 1 and 5 (use_brgemm: float32 only)
+void conv_patch(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
+                at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap, int act,
+                double slope, bool use_brgemm, const Prepared& prep);
+// methods 3 (km = false) and 4 (km = true), float32; `packed` may be undefined
+void conv_implicit(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
+                   at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap,
+                   int act, double slope, bool km, at::Tensor packed);
+// method 2 (forward only); `weight` in its own layout
+void conv_gemm_first(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
+                     at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, int act,
+                     double slope);
+// method 6 (grad_input only); GI: the grad_input plan with every tap (untrimmed, one class)
+void grad_input_stream_weight(const at::Tensor& dy, const at::Tensor& weight, at::Tensor& dx,
+                              const Plan& GI, i64 groups);
+
+// grad_weight ------------------------------------------------------------------------------
+void grad_weight_patch(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
+                       i64 groups);
+void grad_weight_gemm_first(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
+                            const Plan& GI, i64 groups);
+void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
+                        i64 groups);
+
+// joint backward ---------------------------------------------------------------------------
+// The geometry the joint backward walks: per axis (d, h, w) L_in, L_out, k, s, p, dil.
+struct JointGeo {
+  i64 L[3], Lo[3], k[3], s[3], p[3], dil[3];
+  explicit JointGeo(const std::vector<i64>& g) {
+    TORCH_CHECK(g.size() == 18, "kstconv: joint backward geometry needs 18 entries");
+    for (int d = 0; d < 3; ++d) {
+      L[d] = g[6 * d]; Lo[d] = g[6 * d + 1]; k[d] = g[6 * d + 2];
+      s[d] = g[6 * d + 3]; p[d] = g[6 * d + 4]; dil[d] = g[6 * d + 5];
+    }
+  }
+  i64 padlo() const { return std::max<i64>(0, p[2]); }
+  i64 padhi() const {
+    return std::max<i64>(0, s[2] * (L[2] - 1) + (k[2] - 1) * dil[2] - p[2] - (Lo[2] - 1));
+  }
+  i64 row_width() const { return padlo() + Lo[2] + padhi(); }
+  // cached rows: every (od, oh) of one input row maps to its own slot, and the rows that the
+  // next input row along h shares stay put
+  i64 slots_d() const { return (k[0] - 1) * dil[0] + 1; }
+  i64 slots_h() const { return (k[1] - 1) * dil[1] + 1 + s[1]; }
+};
+
+// Fixed number of row ranges (accumulator sets) of the joint backward.
+constexpr i64 kJointSplits = 16;
+
+// dx, dw, db: each undefined where not wanted.
+void joint_backward_run(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                        at::Tensor& dx, at::Tensor& dw, at::Tensor& db, const JointGeo& G,
+                        i64 groups);
+
+}  // namespace kst
