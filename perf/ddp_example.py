@@ -9,6 +9,7 @@ number of steps the parameters equal those of one process training on the whole 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import socket
 import tempfile
@@ -59,8 +60,12 @@ def train(model: nn.Module, z, target, lr: float = 0.05, rank: int = 0, world: i
 def _worker(rank: int, world: int, port: int, steps: int, batch: int, out_path: str):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    # loopback only (a sandbox's hostname may not resolve), and a bounded wait: a peer that
+    # cannot connect fails the run in two minutes instead of gloo's default thirty
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(Decoder())

@@ -9,6 +9,24 @@ os.environ["KSTCONV_POISON"] = "1"
 if os.environ.get("KSTCONV_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _cpu_quota() -> int:
+    """The cores this process may really use: the affinity mask, capped by a cgroup CPU quota
+    (a container may see the host's cores but be allowed two; OpenMP teams sized to the host
+    would then oversubscribe those two cores many times over)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n or 1)
+
+
+# inherited by the processes the tests start (DDP workers, the static check)
+os.environ.setdefault("OMP_NUM_THREADS", str(_cpu_quota()))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

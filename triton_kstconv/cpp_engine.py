@@ -14,7 +14,9 @@ import glob
 import hashlib
 import os
 import shutil
+import sys
 import threading
+import warnings
 
 import torch
 
@@ -37,6 +39,41 @@ def _sources() -> list[str]:
     return sorted(glob.glob(os.path.join(here, "*.cpp")))
 
 
+def _build_directory(name: str) -> str:
+    """TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), one folder per Python and
+    torch version and per build name."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions")
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}".replace("+", "_")
+    path = os.path.join(base, tag, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """An OS lock around the build (released by the kernel if its holder dies). torch's own
+    lock is a plain file that a build killed midway leaves behind, and every later build then
+    waits on it forever; holding ours, no live build can own that file, so a leftover one is
+    stale and is removed."""
+    try:
+        import fcntl
+    except ImportError:          # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(os.path.join(build_dir, ".kstconv_build.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                warnings.warn(f"triton_kstconv: removing {stale}, left by a build of the C++ "
+                              "engine that was killed midway", RuntimeWarning, stacklevel=3)
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load(verbose: bool = False):
     """Compile (first call only; cached on disk afterwards) and import the extension."""
     global _MODULE
@@ -57,10 +94,12 @@ def load(verbose: bool = False):
         extra = list(config.knobs().cxxflags)
         # a build of its own per set of extra flags (a stable name: built once, then cached)
         tag = hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10] if extra else ""
-        mod = _load(name="kstconv_cpu" + (f"_{tag}" if tag else ""), sources=_sources(),
-                    extra_cflags=flags + extra,
-                    extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
-                    verbose=verbose)
+        name = "kstconv_cpu" + (f"_{tag}" if tag else "")
+        build_dir = _build_directory(name)
+        with _build_lock(build_dir):
+            mod = _load(name=name, sources=_sources(), extra_cflags=flags + extra,
+                        extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
+                        build_directory=build_dir, verbose=verbose)
         mod.configure(config.knobs().blas == "aten")
         _MODULE = mod
         return _MODULE
