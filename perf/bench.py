@@ -40,6 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda if available, else cpu")
     ap.add_argument("--full", action="store_true", help="every layer (default: quick subset)")
+    ap.add_argument("--suite", choices=["real", "grouped"], default="real",
+                    help="the real-layer suite, or the depthwise / grouped one")
     ap.add_argument("--layers", nargs="*", help="substrings of layer keys (model/name)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
     ap.add_argument("--dtypes", nargs="*", default=None, help="float32 bfloat16 ...")
@@ -60,7 +62,7 @@ def main(argv=None):
         _ensure_allocator_setting(argv)
     from perf import layers as L
     from perf import runner
-    suite = L.select(args.layers, quick=not args.full)
+    suite = L.select(args.layers, quick=not args.full, suite=args.suite)
     dtypes = args.dtypes or (["float32", "bfloat16"] if device == "cuda" else ["float32"])
     rounds = args.rounds or (7 if device == "cpu" else 20)
     modes = ["forward"] if args.no_backward else ["forward", "forward+backward"]
@@ -79,8 +81,9 @@ def main(argv=None):
                   f"{100 * s['max_frac_peak'][1]:.0f} % of the measured matmul peak: the peak "
                   "measurement is off (was the machine busy?)", flush=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    kind = "grouped" if args.suite == "grouped" else "full" if args.full else "quick"
     prefix = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                      f"{device}-{'full' if args.full else 'quick'}-{stamp}")
+                                      f"{device}-{kind}-{stamp}")
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     with open(prefix + ".json", "w") as f:
         json.dump({"meta": meta, "results": results, "summary": summary}, f, indent=1)

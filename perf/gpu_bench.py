@@ -161,9 +161,9 @@ def make_impls(layer, device, dtype, flaggems):
     ours = {1: K.conv_transpose1d, 2: K.conv_transpose2d, 3: K.conv_transpose3d}[nd]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(layer.batch, layer.c_in, *layer.size, generator=g).to(device, dtype)
-    w = (torch.randn(layer.c_in, layer.c_out, *([layer.kernel] * nd), generator=g)
-         / math.sqrt(layer.c_in * layer.kernel ** nd)).to(device, dtype)
-    b = torch.randn(layer.c_out, generator=g).to(device, dtype)
+    w = (torch.randn(*layer.weight_shape(), generator=g)
+         / math.sqrt(layer.c_in // layer.groups * layer.kernel ** nd)).to(device, dtype)
+    b = torch.randn(layer.c_out, generator=g).to(device, dtype) if layer.bias else None
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd)
     cl = (lambda t: t.contiguous(memory_format=fmt)) if fmt else None
     impls = {
@@ -188,14 +188,14 @@ def make_call(fn, x, w, b, mode):
             with torch.no_grad():
                 return fn(x, w, b)
         return call, None
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
     with torch.no_grad():
         gy = torch.randn_like(fn(x, w, b))
 
     def call():
         for t in leaves:
             t.grad = None
-        fn(*leaves).backward(gy)
+        fn(*leaves, *([None] * (3 - len(leaves)))).backward(gy)
         return [t.grad for t in leaves]
     return call, (leaves, gy)
 
@@ -206,8 +206,9 @@ def check(layer, fn, x, w, b, mode, device, leaves_gy):
     import torch.nn.functional as F
     native = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[layer.nd]
     kw = layer.conv_kwargs()
-    ref_in = [t.detach().double().requires_grad_(mode != "forward") for t in (x, w, b)]
-    ref = native(*ref_in, **kw)
+    ref_in = [t.detach().double().requires_grad_(mode != "forward") for t in (x, w, b)
+              if t is not None]
+    ref = native(*ref_in, *([None] * (3 - len(ref_in))), **kw)
     if mode == "forward":
         with torch.no_grad():
             return rel_err(fn(x, w, b), ref.detach())
@@ -215,7 +216,7 @@ def check(layer, fn, x, w, b, mode, device, leaves_gy):
     ref.backward(gy.double())
     for t in leaves:
         t.grad = None
-    fn(*leaves).backward(gy)
+    fn(*leaves, *([None] * (3 - len(leaves)))).backward(gy)
     return max(rel_err(t.grad, r.grad) for t, r in zip(leaves, ref_in))
 
 
@@ -318,7 +319,7 @@ def run(args):
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     rows_path = os.path.join(args.out, "rows.jsonl")
-    suite = L.select(args.layers, quick=not args.full)
+    suite = L.select(args.layers, quick=not args.full, suite=args.suite)
 
     def write(row):
         with open(rows_path, "a") as f:
@@ -496,6 +497,8 @@ def parse_args(argv=None):
     ap.add_argument("--modes", nargs="*", default=list(MODES))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--full", action="store_true", help="every layer (default: quick subset)")
+    ap.add_argument("--suite", choices=["real", "grouped"], default="real",
+                    help="the real-layer suite, or the depthwise / grouped one")
     ap.add_argument("--layers", nargs="*", help="substrings of layer keys")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=float("inf"))

@@ -18,6 +18,8 @@ class Layer:
     stride: int
     padding: int = 0
     output_padding: int = 0
+    groups: int = 1
+    bias: bool = True   # False where the model follows the layer with a normalisation
 
     @property
     def nd(self) -> int:
@@ -33,21 +35,27 @@ class Layer:
         return f"{self.model}/{self.name}"
 
     def conv_kwargs(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, output_padding=self.output_padding)
+        kw = dict(stride=self.stride, padding=self.padding, output_padding=self.output_padding)
+        if self.groups != 1:
+            kw["groups"] = self.groups
+        return kw
+
+    def weight_shape(self) -> tuple:
+        return (self.c_in, self.c_out // self.groups) + (self.kernel,) * self.nd
 
     def useful_flops(self) -> float:
         """2 x multiply-adds that touch a real input (what an exact method must do)."""
         from triton_kstconv.geometry import make_geometry, normalize_params, useful_macs
         nd = self.nd
-        geom = make_geometry(normalize_params(nd, self.stride, self.padding, self.output_padding),
-                             self.size, (self.kernel,) * nd)
+        geom = make_geometry(normalize_params(nd, self.stride, self.padding, self.output_padding,
+                                              self.groups), self.size, (self.kernel,) * nd)
         return 2.0 * useful_macs(geom, self.batch, self.c_in, self.c_out)
 
     def bytes_moved(self, itemsize: int = 4) -> float:
         """Each input, weight and output element once (the memory floor)."""
         n_in = self.batch * self.c_in * math.prod(self.size)
         n_out = self.batch * self.c_out * math.prod(self.out_size)
-        n_w = self.c_in * self.c_out * self.kernel ** self.nd
+        n_w = self.c_in * self.c_out // self.groups * self.kernel ** self.nd
         return float(itemsize * (n_in + n_out + n_w))
 
 
@@ -103,15 +111,38 @@ SUITE = [
     _L("decoder", "64-64@128 k3s2p1op1", 2, 64, 64, (128, 128), 3, 2, 1, 1),
 ]
 
+# Depthwise and grouped layers (lightweight decoders: MobileNet-style upsampling heads,
+# depthwise U-Net decoders, a vocoder's depthwise upsampler), bias-free as they are followed by
+# a normalisation; `python -m perf.bench --suite grouped`.
+def _G(model, name, n, c, mult, size, k, s, p=0, op=0, groups=None):
+    return Layer(model, name, n, c, c * mult, tuple(size), k, s, p, op,
+                 groups=c if groups is None else groups, bias=False)
+
+
+GROUPED = [
+    _G("dw-decoder", "dw 256@32 k4s2p1", 8, 256, 1, (32, 32), 4, 2, 1),
+    _G("dw-decoder", "dw 128@64 k3s2p1op1", 8, 128, 1, (64, 64), 3, 2, 1, 1),
+    _G("dw-decoder", "dw 64@128 k4s2p1", 4, 64, 1, (128, 128), 4, 2, 1),
+    _G("dw-decoder", "dw 256@32 k2s2", 8, 256, 1, (32, 32), 2, 2),
+    _G("dw-decoder", "mult2 128@32 k4s2p1", 8, 128, 2, (32, 32), 4, 2, 1),
+    _G("dw-vocoder", "dw1d 512@256 k16s8p4", 8, 512, 1, (256,), 16, 8, 4),
+    _G("dw-vocoder", "dw1d 256@2048 k4s2p1", 4, 256, 1, (2048,), 4, 2, 1),
+    _G("dw-3d", "dw3d 64@16 k4s2p1", 2, 64, 1, (16, 16, 16), 4, 2, 1),
+    _G("grouped", "g32 256-256@32 k4s2p1", 8, 256, 1, (32, 32), 4, 2, 1, groups=32),
+]
+SUITES = {"real": SUITE, "grouped": GROUPED}
+
 # A quick subset (the README's main job): one or two layers per model.
 QUICK = ["dcgan/512-256@4 k4s2p1", "dcgan/64-3@32 k4s2p1", "unet/256-128@64 k2s2",
          "pix2pix/512-128@32 k4s2p1", "fcn/21-21@16 k16s8", "fsrcnn/56-1@64 k9s3p4op2",
          "hifigan/128-64@2048 k4s2p1", "unet3d/256-128@16 k2s2", "decoder/64-64@64 k3s2p1op1"]
 
 
-def select(names: list[str] | None = None, quick: bool = False) -> list[Layer]:
+def select(names: list[str] | None = None, quick: bool = False,
+           suite: str = "real") -> list[Layer]:
+    layers = SUITES[suite]
     if names:
-        return [l for l in SUITE if any(n in l.key for n in names)]
-    if quick:
-        return [l for l in SUITE if l.key in QUICK]
-    return list(SUITE)
+        return [l for l in layers if any(n in l.key for n in names)]
+    if quick and suite == "real":
+        return [l for l in layers if l.key in QUICK]
+    return list(layers)

@@ -148,10 +148,9 @@ def measure_peak(device: str, dtypes) -> dict:
 def _make_fns(layer, device, dtype, mode, impls):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(layer.batch, layer.c_in, *layer.size, generator=g).to(device, dtype)
-    fan = layer.c_in * layer.kernel ** layer.nd
-    w = (torch.randn(layer.c_in, layer.c_out, *([layer.kernel] * layer.nd), generator=g)
-         / math.sqrt(fan)).to(device, dtype)
-    b = torch.randn(layer.c_out, generator=g).to(device, dtype)
+    fan = layer.c_in // layer.groups * layer.kernel ** layer.nd
+    w = (torch.randn(*layer.weight_shape(), generator=g) / math.sqrt(fan)).to(device, dtype)
+    b = torch.randn(layer.c_out, generator=g).to(device, dtype) if layer.bias else None
     kw = layer.conv_kwargs()
     nd = layer.nd
     native_x = x
@@ -178,12 +177,15 @@ def _make_fns(layer, device, dtype, mode, impls):
                     return f(xi, wi, b)
             fns[name] = fwd
         else:
-            xr, wr, br = (t.detach().clone().requires_grad_() for t in (xi, wi, b))
+            xr, wr, br = (t.detach().clone().requires_grad_() if t is not None else None
+                          for t in (xi, wi, b))
             gy = torch.randn_like(f(xr, wr, br).detach())
             leaves[name] = (xr, wr, br)
 
             def fb(f=f, xr=xr, wr=wr, br=br, gy=gy):
-                xr.grad = wr.grad = br.grad = None
+                xr.grad = wr.grad = None
+                if br is not None:
+                    br.grad = None
                 f(xr, wr, br).backward(gy)
             fns[name] = fb
     return fns

@@ -18,9 +18,9 @@ class Knobs:
     poison: bool = False            # KSTCONV_POISON=1: fresh outputs filled with NaN (tests)
     joint: int = -1                 # KSTCONV_JOINT: C++ joint backward, 0 never, 1 wherever
                                     # it can run, unset: the engine's rule
-    method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5)
-    dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-6)
-    wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-3)
+    method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7)
+    dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-7)
+    wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-4)
     blas: str = "auto"              # KSTCONV_BLAS=aten: the C++ engine's GEMMs through at::mm
     cxxflags: tuple = ()            # KSTCONV_CXXFLAGS: extra flags for the C++ build
 

@@ -72,6 +72,7 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& wei
                                     i64 groups, bool swap, i64 method) {
   check_conv(src, weight, dst, groups);
   Prepared prep;
+  if (method == kDirect) return prep.to_list();   // reads the weight as it is
   if (method == kGemmFirst || method == kStreamWeight) {  // the weight in its own order
     if (!weight.is_contiguous()) prep.packed = weight.contiguous();
     return prep.to_list();
@@ -96,7 +97,7 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
           at::Tensor dst, c10::optional<at::Tensor> pre, const std::vector<i64>& plan, i64 groups,
           bool swap, i64 act, double slope, i64 method, const std::vector<at::Tensor>& prepared) {
   check_conv(src, weight, dst, groups);
-  TORCH_CHECK(method >= kPatchBlas && method <= kStreamWeight &&
+  TORCH_CHECK(method >= kPatchBlas && method <= kDirect &&
                   method == conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap,
                                         int(method)),
               "kstconv: method ", method, " cannot run here (ask conv_method)");
@@ -124,6 +125,9 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
     case kGemmFirst:
       conv_gemm_first(src, w_dense, b, dst, pr, Plan(plan, kMergeTau), groups, int(act), slope);
       return;
+    case kDirect:       // exact classes: every tap read meets a real source position
+      conv_direct(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, int(act), slope);
+      return;
     default:            // 1 and 5
       conv_patch(src, weight, b, dst, pr, Plan(plan, kMergeTau), groups, swap, int(act), slope,
                  method == kPatchBrgemm, prep);
@@ -141,6 +145,7 @@ i64 grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
   const Plan P(plan, kMergeTau);
   const WgradMethod m = grad_weight_method(P, x, dy, dw, groups, int(forced));
   if (m == kWgradBrgemm) grad_weight_brgemm(x, dy, dw, Plan(plan, 0.0, false), groups);
+  else if (m == kWgradDirect) grad_weight_direct(x, dy, dw, Plan(plan, 0.0), groups);
   else if (m == kWgradGemmFirst)  // one class per axis: all taps, zero-filled
     grad_weight_gemm_first(x, dy, dw, Plan(gi_plan, 1e30, false), groups);
   else grad_weight_patch(x, dy, dw, P, groups);

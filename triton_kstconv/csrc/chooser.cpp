@@ -43,6 +43,10 @@ OrderCost order_cost(const Plan& P, i64 N, i64 Cin_g, i64 Cout_g, i64 groups, co
 Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                        const at::Tensor& weight, i64 groups, bool swap) {
   const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
+  // depthwise, channel multipliers and groups of a few channels: no GEMM worth forming (each
+  // destination element sums over at most kDirectMaxChannels source channels); at 8 source
+  // channels a group oneDNN's grouped kernels win (perf/results, grouped suite)
+  if (groups > 1 && Csrc_g <= kDirectMaxChannels) return kDirect;
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
   const bool brg = src.scalar_type() == at::kFloat && blas().brgemm;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
@@ -85,6 +89,7 @@ const char* method_name(int m) {
     case kImplicitKM: return "4 (implicit GEMM, KM)";
     case kPatchBrgemm: return "5 (patch matrix x brgemm)";
     case kStreamWeight: return "6 (weight streaming)";
+    case kDirect: return "7 (direct, depthwise)";
     default: return "unknown";
   }
 }
@@ -95,8 +100,8 @@ Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                    const at::Tensor& weight, i64 groups, bool swap, int forced) {
   if (forced == kAutoMethod) return rule_conv_method(P, src, dst, weight, groups, swap);
   const bool f32 = src.scalar_type() == at::kFloat, brg = blas().brgemm != nullptr;
-  TORCH_CHECK(forced >= kPatchBlas && forced <= kStreamWeight, "kstconv: no method ", forced,
-              " (1-6)");
+  TORCH_CHECK(forced >= kPatchBlas && forced <= kDirect, "kstconv: no method ", forced,
+              " (1-7)");
   const char* why = nullptr;
   if ((forced == kImplicitMK || forced == kImplicitKM || forced == kPatchBrgemm) && !(f32 && brg))
     why = f32 ? "needs ATen's brgemm, which this PyTorch does not export" : "needs float32";
@@ -106,6 +111,8 @@ Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
     why = "serves the forward only";
   else if (forced == kStreamWeight && !swap)
     why = "serves grad_input only";
+  else if (forced == kDirect && groups == 1)
+    why = "serves grouped layers only (groups > 1)";
   TORCH_CHECK(why == nullptr, "kstconv: method ", method_name(forced), " cannot run this ",
               swap ? "grad_input" : "forward", ": it ", why);
   return Method(forced);
@@ -115,8 +122,10 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
                                const at::Tensor& dw, i64 groups, int forced) {
   const bool brg = x.scalar_type() == at::kFloat && blas().brgemm;
   if (forced != kAutoWgrad) {
-    TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradBrgemm, "kstconv: no grad_weight "
-                "method ", forced, " (1-3)");
+    TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradDirect, "kstconv: no grad_weight "
+                "method ", forced, " (1-4)");
+    TORCH_CHECK(forced != kWgradDirect || x.size(1) == groups, "kstconv: grad_weight method 4 "
+                "(direct) cannot run here: it needs one input channel per group");
     TORCH_CHECK(forced != kWgradBrgemm || brg, "kstconv: grad_weight method 3 (brgemm) cannot "
                 "run here: it needs float32 and ATen's brgemm");
     return WgradMethod(forced);
@@ -131,6 +140,7 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
+  if (Cin_g == 1 && Cout_g <= kDirectMaxChannels) return kWgradDirect;
   if (weight_heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
   if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !(one_d && Cin_g <= 128))
     return kWgradBrgemm;

@@ -26,6 +26,7 @@
 //   grad_input_stream.cpp method 6: grad_input streaming the weight once
 //   grad_weight.cpp       grad_weight methods 1 and 2
 //   grad_weight_brgemm.cpp  grad_weight method 3
+//   direct.cpp            method 7 and grad_weight method 4: depthwise, no GEMM
 //   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
 //   chooser.h / .cpp      every rule that picks a strategy
 //   bindings.cpp          the Python entry points: argument checks, then the chooser
@@ -63,12 +64,14 @@ enum Method : int {
   kImplicitKM = 4,     // implicit GEMM, brgemm tiles [c_dst x c_src], the source read in place
   kPatchBrgemm = 5,    // phase patch matrix (channels-last) x brgemm tiles
   kStreamWeight = 6,   // grad_input reading the weight once, in place (weight-heavy layers)
+  kDirect = 7,         // depthwise / few-channel groups: rows computed directly, no GEMM
 };
 enum WgradMethod : int {
   kAutoWgrad = 0,
   kWgradPatch = 1,     // per phase dY x patch matrix of x, BLAS
   kWgradGemmFirst = 2, // x x patch matrix of grad_out, in the weight's own order
   kWgradBrgemm = 3,    // brgemm, no patch matrix, de-interleaved grad_out planes
+  kWgradDirect = 4,    // C_in/g = 1: per (group, c_out) dot products, no GEMM
 };
 
 // -------------------------------------------------------------------- tuning constants
@@ -89,6 +92,8 @@ constexpr double kMergeTauW = 0.15;        // the same along w for the implicit 
 constexpr i64 kBrgChannels = 128;          // implicit KM: destination channels per tile
 constexpr i64 kWgradPixels = 256;          // grad_weight brgemm: pixels per reduction step
 constexpr double kFlopsPerPass = 24;       // order cost: multiply-adds worth one memory pass
+constexpr i64 kDirectMaxChannels = 4;      // direct (method 7): at most this many source channels a group
+                                           // per group on the side with more
 
 // ---------------------------------------------------------------------------- tensor views
 // A 5-d tensor (N, C, D, H, W) as a pointer and strides.

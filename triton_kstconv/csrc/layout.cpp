@@ -43,6 +43,20 @@ __attribute__((target("avx2"))) i64 deinterleave2(const float* y, i64 q, float* 
   return i;
 }
 
+// y[2i] = a0[i], y[2i + 1] = a1[i] for i < q, 8 at a time in AVX2; returns how many were done
+__attribute__((target("avx2"))) i64 interleave2(const float* a0, const float* a1, i64 q,
+                                                float* y) {
+  i64 i = 0;
+  for (; i + 8 <= q; i += 8) {
+    const __m256 e = _mm256_loadu_ps(a0 + i), o = _mm256_loadu_ps(a1 + i);
+    const __m256 lo = _mm256_unpacklo_ps(e, o);  // e0 o0 e1 o1 | e4 o4 e5 o5
+    const __m256 hi = _mm256_unpackhi_ps(e, o);  // e2 o2 e3 o3 | e6 o6 e7 o7
+    _mm256_storeu_ps(y + 2 * i, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(y + 2 * i + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  return i;
+}
+
 bool have_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok;

@@ -1,5 +1,5 @@
 // Layout copies: 8 x 8 register transposes, channels-last copies of the source (optionally with
-// zero columns along w), one row of C x W into channels-last, and stride-2 de-interleaving.
+// zero columns along w), one row of C x W into channels-last, and stride-2 (de-)interleaving.
 #pragma once
 
 #include "kstconv.h"
@@ -11,6 +11,8 @@ bool have_avx2();
 void transpose8x8(const float* src, i64 lds, float* dst, i64 ldd);
 // o0[i] = y[2i], o1[i] = y[2i + 1] for i < q, 8 at a time (AVX2); returns how many were done
 i64 deinterleave2(const float* y, i64 q, float* o0, float* o1);
+// y[2i] = a0[i], y[2i + 1] = a1[i] for i < q, 8 at a time (AVX2); returns how many were done
+i64 interleave2(const float* a0, const float* a1, i64 q, float* y);
 // One row of C channels x W pixels, element (c, w) at src[c * cst + w * wst], into channels-last
 // dst[w * C + c]: 8 x 8 register transposes where the pixels are contiguous, then the tails.
 void row_to_channels_last(const float* src, i64 cst, i64 wst, i64 C, i64 W, float* dst);

@@ -25,12 +25,21 @@ void conv_gemm_first(const at::Tensor& src, const at::Tensor& weight, const at::
 void grad_input_stream_weight(const at::Tensor& dy, const at::Tensor& weight, at::Tensor& dx,
                               const Plan& GI, i64 groups);
 
+// method 7, direct (depthwise and few-channel groups: forward with C_in/g = 1, grad_input with
+// C_in/g = 1); P: exact classes (every tap a class reads meets a real source position)
+void conv_direct(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
+                 at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap, int act,
+                 double slope);
+
 // grad_weight ------------------------------------------------------------------------------
 void grad_weight_patch(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                        i64 groups);
 void grad_weight_gemm_first(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                             const Plan& GI, i64 groups);
 void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
+                        i64 groups);
+// C_in/g = 1; P: the forward plan with exact classes
+void grad_weight_direct(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
 
 // joint backward ---------------------------------------------------------------------------
