@@ -1,16 +1,19 @@
-// Direct strategy (method 7, grad_weight method 4) for depthwise and few-channel grouped layers:
-// each destination channel reads one source channel per group member (depthwise: one), so
-// there is no GEMM worth forming (a GEMM library sees matrices of width 1) and the layer is
-// bound by memory. Every destination plane is computed from its source planes directly, one
-// destination row at a time, vectorised along w:
-//   - a source row read at stride a (grad_input reads grad_out at the stride) is first split
-//     into a contiguous rows, so every tap is a contiguous axpy over a phase's pixels;
-//   - the phases' accumulators of a destination row are interleaved once into the row, whose
-//     epilogue (bias, activation) then runs contiguously.
-//   forward:     dst = output, src = input (C_in/g = 1), every output channel of the group
-//   grad_input:  dst = grad_in (C_in/g = 1), src = grad_out, a sum over the group's channels
-//   grad_weight: dW[g, co, taps] = sum over images and phase pixels of grad_out x input, each
-//                (g, co) owned by one thread and summed in a fixed order: deterministic.
+// Direct strategy (method 7, grad_weight method 4) for grouped layers of few channels
+// (depthwise, channel multipliers): each destination element sums over a handful of source
+// channels, so there is no GEMM worth forming (a GEMM library sees matrices of width 1-4) and
+// the layer is bound by memory. Every destination plane is computed from its group's source
+// planes directly, one destination row at a time, vectorised along w:
+//   - per plane, each source row is copied once into a zero-padded row split into its `a`
+//     residues (a: the stride the source is read at; grad_input reads grad_out at stride s),
+//     so that every tap of every phase is a contiguous run over the phase's pixels;
+//   - per destination row and w-phase, all taps (source channel x d x h x w) are summed in one
+//     pass with the sums in registers (AVX2 FMA), the phases interleaved into the row, and the
+//     epilogue (bias, activation) run in place.
+//   forward:     dst = output, src = input, every output channel of the group
+//   grad_input:  dst = grad_in, src = grad_out, a sum over the group's output channels
+//   grad_weight: dW[g, co, taps] = sum over images and phase pixels of grad_out x input (one
+//                input channel a group), each (g, co) owned by one thread and summed in a
+//                fixed order: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -78,43 +81,6 @@ inline i64 row_ld(i64 L, i64 a, i64 xst) { return (a == 1 && xst == 1) ? 0 : (L 
 bool have_fma() {
   static const bool ok = have_avx2() && __builtin_cpu_supports("fma");
   return ok;
-}
-
-__attribute__((target("avx2,fma"))) void axpy2_avx2(float* __restrict acc, float w0,
-                                                    const float* __restrict x0, float w1,
-                                                    const float* __restrict x1, i64 n) {
-  const __m256 a0 = _mm256_set1_ps(w0), a1 = _mm256_set1_ps(w1);
-  i64 q = 0;
-  for (; q + 8 <= n; q += 8) {
-    __m256 v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(x0 + q), _mm256_loadu_ps(acc + q));
-    _mm256_storeu_ps(acc + q, _mm256_fmadd_ps(a1, _mm256_loadu_ps(x1 + q), v));
-  }
-  for (; q < n; ++q) acc[q] += w0 * x0[q] + w1 * x1[q];
-}
-
-__attribute__((target("avx2,fma"))) void axpy1_avx2(float* __restrict acc, float w0,
-                                                    const float* __restrict x0, i64 n) {
-  const __m256 a0 = _mm256_set1_ps(w0);
-  i64 q = 0;
-  for (; q + 8 <= n; q += 8)
-    _mm256_storeu_ps(acc + q, _mm256_fmadd_ps(a0, _mm256_loadu_ps(x0 + q),
-                                              _mm256_loadu_ps(acc + q)));
-  for (; q < n; ++q) acc[q] += w0 * x0[q];
-}
-
-// acc[q] += w0 * x0[q] (+ w1 * x1[q]) over [q0, q1): two taps per pass over the accumulator
-template <typename T>
-inline void axpy2(T* __restrict acc, T w0, const T* __restrict x0, T w1, const T* __restrict x1,
-                  i64 q0, i64 q1) {
-  if constexpr (std::is_same<T, float>::value)
-    if (have_fma()) return axpy2_avx2(acc + q0, w0, x0 + q0, w1, x1 + q0, q1 - q0);
-  for (i64 q = q0; q < q1; ++q) acc[q] += w0 * x0[q] + w1 * x1[q];
-}
-template <typename T>
-inline void axpy1(T* __restrict acc, T w0, const T* __restrict x0, i64 q0, i64 q1) {
-  if constexpr (std::is_same<T, float>::value)
-    if (have_fma()) return axpy1_avx2(acc + q0, w0, x0 + q0, q1 - q0);
-  for (i64 q = q0; q < q1; ++q) acc[q] += w0 * x0[q];
 }
 
 // out[q] = sum over taps t of w[t] * x[t][q], q in [0, n): every tap in one pass, the sum in
