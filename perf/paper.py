@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import triton_kstconv as K
+from perf.models import DCGANGenerator  # pytorch/examples' generator, 1x1 -> 64x64
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -271,26 +272,6 @@ def run_upsample(batches: int = 10, crop: int = 64, steps: int = 30):
 
 
 # --------------------------------------------------------------------------------- (c) dcgan
-class Generator(nn.Module):
-    """pytorch/examples DCGAN generator (nz=100, ngf=64, nc=3): 1x1 -> 64x64."""
-
-    def __init__(self, nz=100, ngf=64, nc=3):
-        super().__init__()
-        self.main = nn.Sequential(
-            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8),
-            nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4),
-            nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2),
-            nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf),
-            nn.ReLU(True),
-            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
-
-    def forward(self, z):
-        return self.main(z)
-
-
 class Discriminator(nn.Module):
     def __init__(self, ndf=64, nc=3):
         super().__init__()
@@ -309,7 +290,7 @@ class Discriminator(nn.Module):
 def run_dcgan(steps: int = 6, batch: int = 16):
     torch.manual_seed(0)
     real_pool = flower_crops(64, 64, seed=1) * 2 - 1
-    gen0, disc0 = Generator(), Discriminator()
+    gen0, disc0 = DCGANGenerator(), Discriminator()
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(steps, batch, 100, 1, 1, generator=g)
     picks = torch.randint(0, len(real_pool), (steps, batch), generator=g)
