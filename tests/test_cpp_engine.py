@@ -190,18 +190,18 @@ def test_wide_rows_all_passes(case, batch):
 NEEDS = {"all": (True, True, True), "dx": (True, False, False), "dw_db": (False, True, True)}
 
 
-def _joint_case(c, batch, size, channels_last):
+def _joint_case(c, batch, size, channels_last, dtype=torch.float32):
     x, w, b = make_case(c.nd, batch, c.c_in, c.c_out, c.groups, size, c.kernel, c.stride,
                         c.padding, c.output_padding, c.dilation, True, torch.float64)
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
     y = reference(xr, wr, br, c.nd, **c.conv)
     g = torch.randn_like(y)
     y.backward(g)
-    xf, gf = x.float(), g.float()
+    xf, gf = x.to(dtype), g.to(dtype)
     if channels_last:
         fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[c.nd]
         xf, gf = xf.contiguous(memory_format=fmt), gf.contiguous(memory_format=fmt)
-    return xf, w.float(), gf, (xr.grad, wr.grad, br.grad), y
+    return xf, w.to(dtype), gf, (xr.grad, wr.grad, br.grad), y
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -282,3 +282,78 @@ def test_joint_backward_rejects_inconsistent_arguments():
         mod.joint_backward(x5, g5, w5, None, None, torch.empty(1), geo, 1)
     with pytest.raises(RuntimeError, match="grad_input"):
         mod.joint_backward(x5, g5, w5, torch.empty_like(g5), None, None, geo, 1)
+
+
+# The patch backward (grad_input, grad_weight, grad_bias from one patch matrix of grad_out),
+# forced on (KSTCONV_JOINT=2) for every geometry, both dtypes and layouts, each subset of
+# outputs; tiny row blocks split the patch matrix mid-image.
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("need", list(NEEDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_patch_backward(name, need, dtype, channels_last, items, knobs):
+    knobs(joint=2)
+    c = BY_NAME[name]
+    if channels_last and c.nd == 1:
+        pytest.skip("no channels-last layout in 1D")
+    xf, wf, gf, refs, y = _joint_case(c, 3, c.size, channels_last, dtype)
+    got = _forced("backward", "patch",
+                  lambda: cpp_engine.joint_backward(gf, xf, wf, _geom(c), *NEEDS[need]))
+    ks = (reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd), 2 * 3 * y[0, 0].numel(),
+          3 * y[0, 0].numel())
+    for out, ref, k, wanted in zip(got, refs, ks, NEEDS[need]):
+        if wanted:
+            assert out.dtype == dtype
+            assert_close(out, ref, dtype, k)
+        else:
+            assert out is None
+
+
+def test_patch_backward_deterministic(knobs):
+    """Row blocks in a fixed order: bitwise the same result run after run."""
+    knobs(joint=2)
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 5, c.size, False)
+    with cpp_engine.tuning(cols_cap=512):
+        a = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+        b = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_patch_backward_rule_takes_deep_layers(knobs):
+    """The rule gives a deep layer (512 input channels, a 4096-long patch row, DCGAN's 4x4) to the
+    patch backward and a shallow one to the other paths."""
+    knobs(joint=-1)
+    from types import SimpleNamespace
+    deep = SimpleNamespace(nd=2, c_in=512, c_out=256, groups=1, size=(4, 4), kernel=(4, 4),
+                           stride=(2, 2), padding=(1, 1), output_padding=(0, 0), dilation=(1, 1))
+    deep.conv = dict(stride=deep.stride, padding=deep.padding, output_padding=(0, 0), groups=1,
+                     dilation=(1, 1))
+    xf, wf, gf, refs, y = _joint_case(deep, 8, deep.size, False)
+    got = cpp_engine.joint_backward(gf, xf, wf, _geom(deep), True, True, True)
+    assert cpp_engine.last_method["backward"] == "patch"
+    assert_close(got[0], refs[0], torch.float32, reduction_length(256, 1, (4, 4), (1, 1)))
+    assert_close(got[1], refs[1], torch.float32, 2 * 8 * y[0, 0].numel())
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
+    cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+    assert cpp_engine.last_method["backward"] != "patch"
+
+
+def test_patch_backward_rejects_inconsistent_arguments():
+    mod = cpp_engine.load()
+    c = BY_NAME["dcgan_k4s2p1"]
+    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
+    gi = cpp_engine.grad_input_plan(_geom(c))
+    x5, w5, g5 = (cpp_engine._as5d(t) for t in (xf, wf, gf))
+    with pytest.raises(RuntimeError, match="groups"):
+        mod.patch_backward_ok(x5, g5, w5, gi, 0, 2)
+    with pytest.raises(RuntimeError, match="dtypes"):
+        mod.patch_backward_ok(x5.double(), g5, w5, gi, 1, 2)
+    with pytest.raises(RuntimeError, match="grad_bias"):
+        mod.patch_backward(x5, g5, w5, None, None, torch.empty(1), gi, 1)
+    with pytest.raises(RuntimeError, match="grad_input"):
+        mod.patch_backward(x5, g5, w5, torch.empty_like(g5), None, None, gi, 1)
+    with pytest.raises(RuntimeError, match="every tap"):
+        mod.patch_backward(x5, g5[..., :-2, :-2], w5, torch.empty_like(x5), None, None, gi, 1)

@@ -16,8 +16,9 @@ class Knobs:
     tuned_table: str | None = None  # KSTCONV_TUNED_TABLE: an extra Triton tuning table (JSON)
     weight_cache: bool = True       # KSTCONV_WEIGHT_CACHE=0: never reuse a packed weight
     poison: bool = False            # KSTCONV_POISON=1: fresh outputs filled with NaN (tests)
-    joint: int = -1                 # KSTCONV_JOINT: C++ joint backward, 0 never, 1 wherever
-                                    # it can run, unset: the engine's rule
+    joint: int = -1                 # KSTCONV_JOINT: C++ backward, 0 separate passes, 1 the
+                                    # row-cached joint pass wherever it can run, 2 the patch
+                                    # backward wherever it can run, unset: the engine's rules
     method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7)
     dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-7)
     wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-4)

@@ -242,6 +242,28 @@ def grad_weight(x: torch.Tensor, grad: torch.Tensor, weight_shape, geom: Geometr
     return dw.to(dtype)
 
 
+def _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db):
+    dx = dw = db = None
+    if need_dx:
+        fmt = buffers.output_memory_format(geom.ndim, grad, weight)
+        dx = buffers.empty((x.shape[0], weight.shape[0], *geom.in_size), grad.dtype, grad.device,
+                           fmt)
+    if need_dw:
+        dw = buffers.empty(tuple(weight.shape), weight.dtype, weight.device)
+    if need_db:
+        db = buffers.empty((grad.shape[1],), grad.dtype, grad.device)
+    return dx, dw, db
+
+
+def _patch_backward(mod, grad, x, weight, geom, gi, need_dx, need_dw, need_db):
+    """The three gradients from one patch matrix of grad_out (csrc/backward_patch.cpp)."""
+    dx, dw, db = _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db)
+    mod.patch_backward(_as5d(x), _as5d(grad), _as5d(weight), None if dx is None else _as5d(dx),
+                       None if dw is None else _as5d(dw), db, gi, geom.groups)
+    last_method["backward"] = "patch"
+    return dx, dw, db
+
+
 @functools.lru_cache(maxsize=1024)
 def _joint_geo(geom: Geometry) -> list[int]:
     """Per axis (d, h, w; unit axes first for 1D/2D): L_in, L_out, k, s, p, dil."""
@@ -257,21 +279,20 @@ def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ge
     """grad_input, grad_weight and grad_bias (None where not needed) in one pass over grad_out,
     or None where the engine's joint path does not serve the layer (the caller then runs the
     separate passes)."""
+    mod = load()
+    knob = config.knobs().joint
+    last_method["backward"] = "separate"
+    if grad.dtype == x.dtype == weight.dtype and grad.dtype in (torch.float32, torch.float64):
+        gi = grad_input_plan(geom)
+        if mod.patch_backward_ok(_as5d(x), _as5d(grad), _as5d(weight), gi, geom.groups, knob):
+            return _patch_backward(mod, grad, x, weight, geom, gi, need_dx, need_dw, need_db)
     if grad.dtype != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
-    mod = load()
     xs, gs, ws, geo = _as5d(x), _as5d(grad), _as5d(weight), _joint_geo(geom)
     if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups, config.knobs().joint):
         return None
-    dx = dw = db = None
-    if need_dx:
-        fmt = buffers.output_memory_format(geom.ndim, grad, weight)
-        dx = buffers.empty((x.shape[0], weight.shape[0], *geom.in_size), grad.dtype, grad.device,
-                           fmt)
-    if need_dw:
-        dw = buffers.empty(tuple(weight.shape), weight.dtype, weight.device)
-    if need_db:
-        db = buffers.empty((grad.shape[1],), grad.dtype, grad.device)
+    dx, dw, db = _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db)
+    last_method["backward"] = "joint"
     mod.joint_backward(xs, gs, ws, None if dx is None else _as5d(dx),
                        None if dw is None else _as5d(dw), db, geo, geom.groups)
     return dx, dw, db

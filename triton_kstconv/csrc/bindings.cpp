@@ -4,6 +4,7 @@
 #include "blas.h"
 #include "chooser.h"
 #include "packing.h"
+#include "patches.h"
 #include "strategies.h"
 
 namespace kst {
@@ -85,7 +86,7 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& wei
     if (method == kPatchBlas)
       prep.mkl = mkl_pack_weights<scalar_t>(prep.packed.data_ptr<scalar_t>(),
                                             PackIndex(P, Csrc_g, Cdst_g), groups, P.P,
-                                            channels_last_like(src));
+                                            patch_layout_mk(src, P, Csrc_g));
   });
   return prep.to_list();
 }
@@ -190,6 +191,41 @@ void joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor&
   joint_backward_run(x, dy, weight, dxt, dwt, dbt, G, groups);
 }
 
+// Whether the patch backward serves a layer (mode: the KSTCONV_JOINT knob, see chooser.h).
+bool patch_backward_ok(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                       const std::vector<i64>& gi_plan, i64 groups, i64 mode) {
+  check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && dy.size(1) == weight.size(1) * groups &&
+                  weight.size(0) == x.size(1) && dy.size(0) == x.size(0) &&
+                  x.scalar_type() == dy.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "kstconv: patch backward: inconsistent channels, batch, groups or dtypes");
+  return patch_backward_chosen(Plan(gi_plan, 1e30, false), x, dy, weight, groups, int(mode));
+}
+
+// grad_input, grad_weight, grad_bias from one patch matrix of grad_out; None: not computed.
+void patch_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                    c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
+                    c10::optional<at::Tensor> db, const std::vector<i64>& gi_plan, i64 groups) {
+  check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
+  at::Tensor dxt = dx.has_value() ? *dx : at::Tensor(), dwt = dw.has_value() ? *dw : at::Tensor();
+  at::Tensor dbt = db.has_value() ? *db : at::Tensor();
+  auto same = [&](const at::Tensor& t, const at::Tensor& like, const char* name) {
+    check5(t, name);
+    TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == x.scalar_type(), "kstconv: ",
+                name, " has the wrong shape or dtype");
+  };
+  if (dxt.defined()) same(dxt, x, "grad_input");
+  if (dwt.defined()) {
+    same(dwt, weight, "grad_weight");
+    TORCH_CHECK(dwt.is_contiguous(), "kstconv: grad_weight output must be contiguous");
+  }
+  TORCH_CHECK(!dbt.defined() || (dbt.is_contiguous() && dbt.device().is_cpu() &&
+                                 dbt.scalar_type() == x.scalar_type() && dbt.dim() == 1 &&
+                                 dbt.size(0) == dy.size(1)),
+              "kstconv: grad_bias must be a contiguous CPU vector of C_out elements");
+  backward_patch(x, dy, weight, dxt, dwt, dbt, Plan(gi_plan, 1e30, false), groups);
+}
+
 // The validity classes of a plan (per axis, per phase: (q0, q1, t0, t1) before trimming), for
 // the test that checks them against geometry.validity_classes.
 std::vector<std::vector<std::vector<std::vector<i64>>>> plan_classes(
@@ -220,5 +256,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient; returns the method run");
   m.def("joint_backward_ok", &kst::joint_backward_ok, "whether the joint backward serves a layer");
   m.def("joint_backward", &kst::joint_backward, "grad_input, grad_weight, grad_bias in one pass");
+  m.def("patch_backward_ok", &kst::patch_backward_ok, "whether the patch backward serves a layer");
+  m.def("patch_backward", &kst::patch_backward, "grad_input, grad_weight, grad_bias from one "
+        "patch matrix of grad_out");
   m.def("plan_classes", &kst::plan_classes, "a plan's validity classes, untrimmed");
 }

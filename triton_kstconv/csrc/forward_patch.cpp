@@ -25,11 +25,11 @@ void conv_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Ten
   if (dst.numel() == 0) return;
   brgemm_t brg = nullptr;
   if constexpr (std::is_same<T, float>::value) brg = use_brg ? blas().brgemm : nullptr;
-  const at::Tensor src = brg ? to_channels_last<T>(src_in) : src_in;
+  const bool mk = brg || patch_layout_mk(src_in, P, Csrc_g);
+  const at::Tensor src = mk ? to_channels_last<T>(src_in) : src_in;
   View5<const T> X(src);
   View5<T> Y(dst), Pre(pre);
   const T* bptr = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  const bool mk = brg ? true : channels_last_like(src);
 
   PackIndex pi(P, Csrc_g, Cdst_g);
   if (!prep.packed.defined()) {

@@ -28,6 +28,7 @@
 //   grad_weight_brgemm.cpp  grad_weight method 3
 //   direct.cpp            method 7 and grad_weight method 4: depthwise, no GEMM
 //   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
+//   backward_patch.cpp    the same three from one patch matrix of grad_out, two large GEMMs
 //   chooser.h / .cpp      every rule that picks a strategy
 //   bindings.cpp          the Python entry points: argument checks, then the chooser
 #pragma once

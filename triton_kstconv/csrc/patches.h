@@ -8,6 +8,17 @@
 
 namespace kst {
 
+// The patch matrix layout of methods 1 and 5 (and the MKL packing made for it): MK (channels
+// contiguous) for channels-last sources, and for short destination rows (<= 8 pixels a phase
+// along w: DCGAN's 4x4 / 8x8 grad_input, pix2pix's inner levels) from a channels-last copy of
+// the source, since KM rows of a few pixels cost more in loop overhead than the copy.
+inline bool patch_layout_mk(const at::Tensor& src, const Plan& P, i64 Csrc_g) {
+  if (channels_last_like(src)) return true;
+  i64 qw = 0;
+  for (const AxisPhase& ph : P.ax[2].ph) qw = std::max(qw, ph.Q);
+  return qw <= 8 && Csrc_g >= 8;
+}
+
 // Patch matrix of a block. KM layout: cols[k][m] (m contiguous), for a source whose innermost
 // spatial stride is small; MK layout: cols[m][k] (channels contiguous), for channels-last sources.
 // k runs over (td, th, tw, c) of the block's tap ranges, m over (n, qd, qh, qw).

@@ -42,6 +42,12 @@ void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& d
 void grad_weight_direct(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
 
+// grad_input, grad_weight and grad_bias from one patch matrix of grad_out (backward_patch.cpp);
+// GI: the grad_input plan with every tap (untrimmed, one class); dx, dw, db undefined where not
+// wanted
+void backward_patch(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                    at::Tensor& dx, at::Tensor& dw, at::Tensor& db, const Plan& GI, i64 groups);
+
 // joint backward ---------------------------------------------------------------------------
 // The geometry the joint backward walks: per axis (d, h, w) L_in, L_out, k, s, p, dil.
 struct JointGeo {
