@@ -80,4 +80,11 @@ CASES = [
 CORE = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase", "k3s2_dil2",
         "groups2", "1d_hifigan_k16s8p4", "3d_k3s2p1op1"]
 
-BY_NAME = {c.name: c for c in CASES}
+# Grouped layers of several channels a group, for the C++ direct strategy's channel blocks
+# (blocks of 4 destination channels: 5 = 4 + 1, 6 = 4 + 2, 3); the C++ tests only.
+GROUPED_BLOCKS = [
+    _c("groups2_c12_c10", 2, 2, 12, 10, 5, 4, 2, 1, 0, 1, 2),
+    _c("groups4_c12_c12_k3s2", 2, 1, 12, 12, 4, 3, 2, 1, 1, 1, 4),
+]
+
+BY_NAME = {c.name: c for c in CASES + GROUPED_BLOCKS}

@@ -17,7 +17,7 @@ NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
 FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
        (3, torch.float32), (4, torch.float32), (5, torch.float32), (7, torch.float64),
        (7, torch.float32)]
-NAMES += ["depthwise_mult2", "1d_depthwise"]
+NAMES += ["depthwise_mult2", "1d_depthwise", "groups2_c12_c10", "groups4_c12_c12_k3s2"]
 
 
 def _geom(c):

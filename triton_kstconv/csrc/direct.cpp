@@ -111,6 +111,48 @@ __attribute__((target("avx2,fma"))) void taps_avx2(float* __restrict out, const 
   }
 }
 
+// The same for CB destination channels at once: out[j][q] = sum over t of w[j * ldw + t] * x[t][q].
+// Each source vector is loaded once for all CB channels (CB broadcasts, 2 x CB FMAs per two
+// loads): the register blocking over output channels that groups of 8-16 channels need.
+template <int CB>
+__attribute__((target("avx2,fma"))) void taps_block_avx2(float* const* out, const float* w,
+                                                         i64 ldw, const float* const* x, i64 T,
+                                                         i64 n) {
+  i64 q = 0;
+  for (; q + 16 <= n; q += 16) {
+    __m256 v0[CB], v1[CB];
+    for (int j = 0; j < CB; ++j) v0[j] = _mm256_setzero_ps(), v1[j] = _mm256_setzero_ps();
+    for (i64 t = 0; t < T; ++t) {
+      const __m256 x0 = _mm256_loadu_ps(x[t] + q), x1 = _mm256_loadu_ps(x[t] + q + 8);
+      for (int j = 0; j < CB; ++j) {
+        const __m256 wt = _mm256_broadcast_ss(w + j * ldw + t);
+        v0[j] = _mm256_fmadd_ps(wt, x0, v0[j]);
+        v1[j] = _mm256_fmadd_ps(wt, x1, v1[j]);
+      }
+    }
+    for (int j = 0; j < CB; ++j) {
+      _mm256_storeu_ps(out[j] + q, v0[j]);
+      _mm256_storeu_ps(out[j] + q + 8, v1[j]);
+    }
+  }
+  for (; q + 8 <= n; q += 8) {
+    __m256 v0[CB];
+    for (int j = 0; j < CB; ++j) v0[j] = _mm256_setzero_ps();
+    for (i64 t = 0; t < T; ++t) {
+      const __m256 x0 = _mm256_loadu_ps(x[t] + q);
+      for (int j = 0; j < CB; ++j)
+        v0[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + j * ldw + t), x0, v0[j]);
+    }
+    for (int j = 0; j < CB; ++j) _mm256_storeu_ps(out[j] + q, v0[j]);
+  }
+  for (; q < n; ++q)
+    for (int j = 0; j < CB; ++j) {
+      float v = 0;
+      for (i64 t = 0; t < T; ++t) v += w[j * ldw + t] * x[t][q];
+      out[j][q] = v;
+    }
+}
+
 template <typename T>
 inline void taps(T* __restrict out, const T* w, const T* const* x, i64 nt, i64 n) {
   if constexpr (std::is_same<T, float>::value)
@@ -120,6 +162,22 @@ inline void taps(T* __restrict out, const T* w, const T* const* x, i64 nt, i64 n
     for (i64 t = 0; t < nt; ++t) v += w[t] * x[t][q];
     out[q] = v;
   }
+}
+
+// taps() for cb (1-kDirectBlock) destination channels sharing the source rows
+template <typename T>
+inline void taps_block(T* const* out, const T* w, i64 ldw, const T* const* x, i64 nt, i64 n,
+                       i64 cb) {
+  if constexpr (std::is_same<T, float>::value)
+    if (have_fma() && cb > 1) {
+      static_assert(kDirectBlock == 4, "one kernel per block size");
+      switch (cb) {
+        case 2: return taps_block_avx2<2>(out, w, ldw, x, nt, n);
+        case 3: return taps_block_avx2<3>(out, w, ldw, x, nt, n);
+        default: return taps_block_avx2<4>(out, w, ldw, x, nt, n);
+      }
+    }
+  for (i64 j = 0; j < cb; ++j) taps(out[j], w + j * ldw, x, nt, n);
 }
 
 // A source row along w, zero-padded so that every tap of every phase reads inside it, and
@@ -196,6 +254,13 @@ struct RowMap {
   }
 };
 
+// The index of the class of a phase that holds q (0 if none: then it has no taps).
+inline i64 class_index(const std::vector<Cls>& cs, i64 q) {
+  for (i64 i = 0; i < i64(cs.size()); ++i)
+    if (q >= cs[i].q0 && q < cs[i].q1) return i;
+  return 0;
+}
+
 // The row-invariant parts of a pass: per w-phase its accumulator offset.
 struct RowShape {
   std::vector<i64> off;
@@ -205,16 +270,58 @@ struct RowShape {
   }
 };
 
+// One destination row from its w-phases' accumulators `a`: the phases into one contiguous row
+// (the destination row itself where it is contiguous), then the epilogue in place.
+template <typename T, int ACT>
+void store_row(const View5<T>& Y, const View5<T>& Pre, const T* bias, T slope, const Axis& Aw,
+               const RowShape& rs, bool pair, bool plain, const T* a, T* row, i64 n, i64 c,
+               i64 od, i64 oh) {
+  const i64 Lw = Aw.L_dst, nph = i64(Aw.ph.size());
+  const T bv = bias ? bias[c] : T(0);
+  T* y = Y.at(n, c, od, oh, 0);
+  const i64 ys = Y.st[4];
+  T* out = (ys == 1 && !Pre.p) ? y : row;
+  i64 done = 0;
+  if (plain) {
+    std::copy(a, a + Lw, out);
+    done = Lw;
+  } else if (pair) {
+    if constexpr (std::is_same<T, float>::value)
+      done = interleave2(a, a + rs.off[1], Aw.ph[1].Q, out);
+  }
+  for (i64 rw = 0; rw < nph && done < Lw; ++rw) {
+    const AxisPhase& pw = Aw.ph[rw];
+    const T* ar = a + rs.off[rw];
+    for (i64 q = pair ? done : 0; q < pw.Q; ++q) out[Aw.s * q + pw.dst_off] = ar[q];
+  }
+  if (out == y) {
+    if (ACT != 0 || bias)
+      for (i64 o = 0; o < Lw; ++o) y[o] = act_fn<T, ACT>(y[o] + bv, slope);
+  } else if (Pre.p) {
+    T* pp = Pre.at(n, c, od, oh, 0);
+    for (i64 o = 0; o < Lw; ++o) {
+      const T v = out[o] + bv;
+      pp[o * Pre.st[4]] = v;
+      y[o * ys] = act_fn<T, ACT>(v, slope);
+    }
+  } else {
+    for (i64 o = 0; o < Lw; ++o) y[o * ys] = act_fn<T, ACT>(out[o] + bv, slope);
+  }
+}
+
+// Destination planes in blocks of up to kDirectBlock channels of one (image, group): block b
+// is (n, g, channels [cb0, cb0 + cb)); the channels of a block share every source row load.
 template <typename T, int ACT>
 void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5<T>& Y,
                    const View5<T>& Pre, const T* bias, T slope, const Plan& P, bool swap,
-                   i64 groups, i64 Csrc_g, i64 Cdst_g, i64 p0, i64 p1) {
+                   i64 groups, i64 Csrc_g, i64 Cdst_g, i64 b0, i64 b1) {
   const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
   const RowMap md(Ad), mh(Ah);
   const RowShape rs(Aw);
   const PaddedRows pr(Aw);
   const i64 KD = W.size[2], KH = W.size[3], KW = W.size[4], KK = KD * KH * KW;
   const i64 Lw = Aw.L_dst, nph = i64(Aw.ph.size()), Lh = Ah.L_src, Ld = Ad.L_src;
+  const i64 nblk = ceil_div(Cdst_g, kDirectBlock);
   // phases written into the destination row: two interleaved (AVX2) or in order
   const bool pair = std::is_same<T, float>::value && Aw.s == 2 && nph == 2 &&
                     Aw.ph[0].dst_off == 0 && Aw.ph[1].dst_off == 1 && have_avx2();
@@ -222,14 +329,24 @@ void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5
   i64 max_taps = 0;
   for (const AxisPhase& p : Aw.ph) max_taps = std::max(max_taps, p.T());
   max_taps *= Csrc_g * KD * KH;
-  std::vector<T> wl(Csrc_g * KK), acc(rs.total), row(Lw), wt(max_taps);
+  // per block channel j: its weights wl[j], accumulators acc[j], tap weights wt[j]
+  std::vector<T> wl(kDirectBlock * Csrc_g * KK), acc(kDirectBlock * rs.total), row(Lw);
+  // tap weights per (d-phase, d-class, h-phase, h-class), each [w-phase][channel][tap]
+  i64 ncd = 1, nch = 1;
+  for (const auto& c : P.cls[0]) ncd = std::max<i64>(ncd, i64(c.size()));
+  for (const auto& c : P.cls[1]) nch = std::max<i64>(nch, i64(c.size()));
+  const i64 nphd = i64(Ad.ph.size()), nphh = i64(Ah.ph.size());
+  const i64 wstride = nph * kDirectBlock * max_taps;
+  std::vector<T> wtab(std::max<i64>(1, nphd * ncd * nphh * nch) * wstride);
+  std::vector<char> have(nphd * ncd * nphh * nch);
   std::vector<const T*> xt(max_taps);
+  T* outs[kDirectBlock];
   // the group's source planes, each row padded and split once per plane
   std::vector<T> src(Csrc_g * Ld * Lh * pr.size());
   i64 loaded = -1;   // (n, g) whose source planes src holds
-  for (i64 plane = p0; plane < p1; ++plane) {
-    const i64 n = plane / (groups * Cdst_g), c = plane % (groups * Cdst_g);
-    const i64 g = c / Cdst_g, c_local = c % Cdst_g;
+  for (i64 blk = b0; blk < b1; ++blk) {
+    const i64 n = blk / (groups * nblk), g = (blk / nblk) % groups;
+    const i64 cb0 = (blk % nblk) * kDirectBlock, cb = std::min(kDirectBlock, Cdst_g - cb0);
     if (loaded != n * groups + g) {
       for (i64 cs = 0; cs < Csrc_g; ++cs)
         for (i64 d = 0; d < Ld; ++d)
@@ -240,12 +357,16 @@ void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5
     }
     // weight [C_in, C_out/g, kd, kh, kw]: forward (the source in the group's C_in, the
     // destination's column), grad_input (the destination in C_in, the source's column)
-    for (i64 cs = 0; cs < Csrc_g; ++cs)
-      for (i64 k = 0; k < KK; ++k) {
-        const i64 kd = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
-        wl[cs * KK + k] = swap ? *W.at(c, cs, kd, kh, kw) : *W.at(g * Csrc_g + cs, c_local, kd, kh, kw);
-      }
-    const T bv = bias ? bias[c] : T(0);
+    std::fill(have.begin(), have.end(), char(0));
+    for (i64 j = 0; j < cb; ++j) {
+      const i64 c = g * Cdst_g + cb0 + j;
+      for (i64 cs = 0; cs < Csrc_g; ++cs)
+        for (i64 k = 0; k < KK; ++k) {
+          const i64 kd = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
+          wl[(j * Csrc_g + cs) * KK + k] =
+              swap ? *W.at(c, cs, kd, kh, kw) : *W.at(g * Csrc_g + cs, cb0 + j, kd, kh, kw);
+        }
+    }
     for (i64 od = 0; od < Ad.L_dst; ++od)
       for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
         const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
@@ -254,58 +375,50 @@ void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5
           class_taps(P.cls[0][rd], qd, td0, td1);
           class_taps(P.cls[1][rh], qh, th0, th1);
         }
+        // the block's tap weights depend on the phases and tap classes only: built once per
+        // block for each combination met (the rows of a stride-2 plane alternate phases)
+        const i64 key = rd < 0 || rh < 0 ? -1
+                      : ((rd * ncd + class_index(P.cls[0][rd], qd)) * nphh + rh) * nch +
+                            class_index(P.cls[1][rh], qh);
+        T* wkey = key < 0 ? wtab.data() : wtab.data() + key * wstride;
+        if (key >= 0 && !have[key]) {
+          have[key] = 1;
+          for (i64 rw = 0; rw < nph; ++rw) {
+            const AxisPhase& pw = Aw.ph[rw];
+            T* wph = wkey + rw * kDirectBlock * max_taps;
+            for (i64 j = 0; j < cb; ++j) {
+              T* wj = wph + j * max_taps;
+              const T* wlj = wl.data() + j * Csrc_g * KK;
+              for (i64 cs = 0; cs < Csrc_g; ++cs)
+                for (i64 td = td0; td < td1; ++td)
+                  for (i64 th = th0; th < th1; ++th) {
+                    const T* wrow = wlj + cs * KK +
+                                    (Ad.ph[rd].widx[td] * KH + Ah.ph[rh].widx[th]) * KW;
+                    for (i64 tw = 0; tw < pw.T(); ++tw) *wj++ = wrow[pw.widx[tw]];
+                  }
+            }
+          }
+        }
         // per w-phase: every (source channel, d tap, h tap, w tap) in one pass
         for (i64 rw = 0; rw < nph; ++rw) {
           const AxisPhase& pw = Aw.ph[rw];
-          T* wp = wt.data();
-          const T** xp = xt.data();
+          const T* wph = wkey + rw * kDirectBlock * max_taps;
+          i64 nt = 0;
           for (i64 cs = 0; cs < Csrc_g; ++cs)
             for (i64 td = td0; td < td1; ++td)
               for (i64 th = th0; th < th1; ++th) {
                 const AxisPhase &pd = Ad.ph[rd], &ph = Ah.ph[rh];
                 const i64 sd = Ad.a * qd + pd.soff[td], sh = Ah.a * qh + ph.soff[th];
                 const T* xrow = src.data() + ((cs * Ld + sd) * Lh + sh) * pr.size();
-                const T* wrow = wl.data() + cs * KK + (pd.widx[td] * KH + ph.widx[th]) * KW;
-                const i64* wi = pw.widx.data();
                 const i64* xo = pr.off[rw].data();
-                for (i64 tw = 0, nw = pw.T(); tw < nw; ++tw) {
-                  *wp++ = wrow[wi[tw]];
-                  *xp++ = xrow + xo[tw];
-                }
+                for (i64 tw = 0, nw = pw.T(); tw < nw; ++tw) xt[nt++] = xrow + xo[tw];
               }
-          taps(acc.data() + rs.off[rw], wt.data(), xt.data(), i64(wp - wt.data()), pw.Q);
+          for (i64 j = 0; j < cb; ++j) outs[j] = acc.data() + j * rs.total + rs.off[rw];
+          taps_block(outs, wph, max_taps, xt.data(), nt, pw.Q, cb);
         }
-        // the phases' accumulators into one contiguous row (the destination row itself where
-        // it is contiguous), then the epilogue in place
-        T* y = Y.at(n, c, od, oh, 0);
-        const i64 ys = Y.st[4];
-        T* out = (ys == 1 && !Pre.p) ? y : row.data();
-        i64 done = 0;
-        if (plain) {
-          std::copy(acc.begin(), acc.begin() + Lw, out);
-          done = Lw;
-        } else if (pair) {
-          if constexpr (std::is_same<T, float>::value)
-            done = interleave2(acc.data(), acc.data() + rs.off[1], Aw.ph[1].Q, out);
-        }
-        for (i64 rw = 0; rw < nph && done < Lw; ++rw) {
-          const AxisPhase& pw = Aw.ph[rw];
-          const T* a = acc.data() + rs.off[rw];
-          for (i64 q = pair ? done : 0; q < pw.Q; ++q) out[Aw.s * q + pw.dst_off] = a[q];
-        }
-        if (out == y) {
-          if (ACT != 0 || bias)
-            for (i64 o = 0; o < Lw; ++o) y[o] = act_fn<T, ACT>(y[o] + bv, slope);
-        } else if (Pre.p) {
-          T* pp = Pre.at(n, c, od, oh, 0);
-          for (i64 o = 0; o < Lw; ++o) {
-            const T v = out[o] + bv;
-            pp[o * Pre.st[4]] = v;
-            y[o * ys] = act_fn<T, ACT>(v, slope);
-          }
-        } else {
-          for (i64 o = 0; o < Lw; ++o) y[o * ys] = act_fn<T, ACT>(out[o] + bv, slope);
-        }
+        for (i64 j = 0; j < cb; ++j)
+          store_row<T, ACT>(Y, Pre, bias, slope, Aw, rs, pair, plain, acc.data() + j * rs.total,
+                            row.data(), n, g * Cdst_g + cb0 + j, od, oh);
       }
   }
 }
@@ -320,9 +433,10 @@ void direct_impl(const at::Tensor& src, const at::Tensor& weight, const at::Tens
   View5<T> Y(dst), Pre(pre);
   const T* bptr = bias.defined() ? bias.data_ptr<T>() : nullptr;
   with_act(act, [&](auto A) {
-    at::parallel_for(0, N * groups * Cdst_g, 1, [&](i64 p0, i64 p1) {
+    const i64 blocks = N * groups * ceil_div(Cdst_g, kDirectBlock);
+    at::parallel_for(0, blocks, 1, [&](i64 b0, i64 b1) {
       direct_planes<T, decltype(A)::value>(X, W, Y, Pre, bptr, T(slope), P, swap, groups,
-                                           Csrc_g, Cdst_g, p0, p1);
+                                           Csrc_g, Cdst_g, b0, b1);
     });
   });
 }

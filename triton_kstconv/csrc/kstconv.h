@@ -93,8 +93,10 @@ constexpr double kMergeTauW = 0.15;        // the same along w for the implicit 
 constexpr i64 kBrgChannels = 128;          // implicit KM: destination channels per tile
 constexpr i64 kWgradPixels = 256;          // grad_weight brgemm: pixels per reduction step
 constexpr double kFlopsPerPass = 24;       // order cost: multiply-adds worth one memory pass
-constexpr i64 kDirectMaxChannels = 4;      // direct (method 7): at most this many source channels a group
-                                           // per group on the side with more
+constexpr i64 kDirectBlock = 4;             // direct: destination channels computed together
+constexpr i64 kDirectMaxChannels = 8;      // direct (method 7): at most this many source channels a group
+constexpr i64 kDirectWgradMaxChannels = 4; // direct grad_weight: one input, at most this many
+                                           // output channels a group
 
 // ---------------------------------------------------------------------------- tensor views
 // A 5-d tensor (N, C, D, H, W) as a pointer and strides.
