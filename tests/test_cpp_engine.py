@@ -267,13 +267,17 @@ def test_joint_backward_off_and_refusals(knobs):
                                      True, True, True) is None
 
 
-def test_joint_backward_rejects_inconsistent_arguments():
-    """The binding checks what it is given (a clear error, never an out-of-bounds access)."""
-    mod = cpp_engine.load()
+def _binding_args():
+    """A small layer's input, weight and grad_out as the 5-d tensors the bindings take."""
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
-    geo = cpp_engine._joint_geo(_geom(c))
-    x5, w5, g5 = (cpp_engine._as5d(t) for t in (xf, wf, gf))
+    return cpp_engine.load(), _geom(c), *(cpp_engine._as5d(t) for t in (xf, wf, gf))
+
+
+def test_joint_backward_rejects_inconsistent_arguments():
+    """The binding checks what it is given (a clear error, never an out-of-bounds access)."""
+    mod, geom, x5, w5, g5 = _binding_args()
+    geo = cpp_engine._joint_geo(geom)
     with pytest.raises(RuntimeError, match="geometry does not match"):
         mod.joint_backward_ok(x5, g5[..., :-1], w5, geo, 1, -1)
     with pytest.raises(RuntimeError, match="groups"):
@@ -342,15 +346,14 @@ def test_patch_backward_rule_takes_deep_layers(knobs):
 
 
 def test_patch_backward_rejects_inconsistent_arguments():
-    mod = cpp_engine.load()
-    c = BY_NAME["dcgan_k4s2p1"]
-    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
-    gi = cpp_engine.grad_input_plan(_geom(c))
-    x5, w5, g5 = (cpp_engine._as5d(t) for t in (xf, wf, gf))
+    mod, geom, x5, w5, g5 = _binding_args()
+    gi = cpp_engine.grad_input_plan(geom)
     with pytest.raises(RuntimeError, match="groups"):
-        mod.patch_backward_ok(x5, g5, w5, gi, 0, 2)
+        mod.patch_backward_ok(x5, g5, w5, 0, 2)
     with pytest.raises(RuntimeError, match="dtypes"):
-        mod.patch_backward_ok(x5.double(), g5, w5, gi, 1, 2)
+        mod.patch_backward_ok(x5.double(), g5, w5, 1, 2)
+    with pytest.raises(RuntimeError, match="groups"):
+        mod.patch_backward(x5, g5, w5, torch.empty_like(x5), None, None, gi, 2)
     with pytest.raises(RuntimeError, match="grad_bias"):
         mod.patch_backward(x5, g5, w5, None, None, torch.empty(1), gi, 1)
     with pytest.raises(RuntimeError, match="grad_input"):

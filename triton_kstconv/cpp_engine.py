@@ -255,11 +255,12 @@ def _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db):
     return dx, dw, db
 
 
-def _patch_backward(mod, grad, x, weight, geom, gi, need_dx, need_dw, need_db):
-    """The three gradients from one patch matrix of grad_out (csrc/backward_patch.cpp)."""
+def _patch_backward(mod, xs, gs, ws, grad, x, weight, geom, need_dx, need_dw, need_db):
+    """The three gradients from one patch matrix of grad_out (csrc/backward_patch.cpp);
+    xs, gs, ws: x, grad, weight as 5-d views."""
     dx, dw, db = _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db)
-    mod.patch_backward(_as5d(x), _as5d(grad), _as5d(weight), None if dx is None else _as5d(dx),
-                       None if dw is None else _as5d(dw), db, gi, geom.groups)
+    mod.patch_backward(xs, gs, ws, None if dx is None else _as5d(dx),
+                       None if dw is None else _as5d(dw), db, grad_input_plan(geom), geom.groups)
     last_method["backward"] = "patch"
     return dx, dw, db
 
@@ -282,14 +283,16 @@ def joint_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ge
     mod = load()
     knob = config.knobs().joint
     last_method["backward"] = "separate"
-    if grad.dtype == x.dtype == weight.dtype and grad.dtype in (torch.float32, torch.float64):
-        gi = grad_input_plan(geom)
-        if mod.patch_backward_ok(_as5d(x), _as5d(grad), _as5d(weight), gi, geom.groups, knob):
-            return _patch_backward(mod, grad, x, weight, geom, gi, need_dx, need_dw, need_db)
-    if grad.dtype != torch.float32 or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not grad.dtype == x.dtype == weight.dtype or grad.dtype not in (torch.float32,
+                                                                       torch.float64):
         return None
-    xs, gs, ws, geo = _as5d(x), _as5d(grad), _as5d(weight), _joint_geo(geom)
-    if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups, config.knobs().joint):
+    xs, gs, ws = _as5d(x), _as5d(grad), _as5d(weight)
+    if mod.patch_backward_ok(xs, gs, ws, geom.groups, knob):
+        return _patch_backward(mod, xs, gs, ws, grad, x, weight, geom, need_dx, need_dw, need_db)
+    if grad.dtype != torch.float32:
+        return None
+    geo = _joint_geo(geom)
+    if not mod.joint_backward_ok(xs, gs, ws, geo, geom.groups, knob):
         return None
     dx, dw, db = _backward_outputs(grad, x, weight, geom, need_dx, need_dw, need_db)
     last_method["backward"] = "joint"

@@ -9,7 +9,7 @@
 // products, and both GEMMs are large (MKL's own threading): where images are small and channels
 // many (DCGAN's 4x4 and 8x8 layers, pix2pix's inner levels, HiFi-GAN's first upsampler), this is
 // what the separate passes lose to: per-call packing, small exact-class blocks, short rows.
-// Work runs over blocks of whole images in order, so dW's sum is in a fixed order: deterministic.
+// Work runs over blocks of patch rows in order, so dW's sum is in a fixed order: deterministic.
 // The zero taps at the image border are multiplied (the price of one dense product; the chooser
 // takes this path where that share is small or the blocks of the exact paths would be tiny).
 #include <ATen/ATen.h>

@@ -192,21 +192,26 @@ void joint_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor&
 }
 
 // Whether the patch backward serves a layer (mode: the KSTCONV_JOINT knob, see chooser.h).
-bool patch_backward_ok(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
-                       const std::vector<i64>& gi_plan, i64 groups, i64 mode) {
+static void check_patch_backward(const at::Tensor& x, const at::Tensor& dy,
+                                 const at::Tensor& weight, i64 groups) {
   check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && dy.size(1) == weight.size(1) * groups &&
                   weight.size(0) == x.size(1) && dy.size(0) == x.size(0) &&
                   x.scalar_type() == dy.scalar_type() && weight.scalar_type() == x.scalar_type(),
               "kstconv: patch backward: inconsistent channels, batch, groups or dtypes");
-  return patch_backward_chosen(Plan(gi_plan, 1e30, false), x, dy, weight, groups, int(mode));
+}
+
+bool patch_backward_ok(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                       i64 groups, i64 mode) {
+  check_patch_backward(x, dy, weight, groups);
+  return patch_backward_chosen(x, dy, weight, groups, int(mode));
 }
 
 // grad_input, grad_weight, grad_bias from one patch matrix of grad_out; None: not computed.
 void patch_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
                     c10::optional<at::Tensor> dx, c10::optional<at::Tensor> dw,
                     c10::optional<at::Tensor> db, const std::vector<i64>& gi_plan, i64 groups) {
-  check5(x, "input"); check5(dy, "grad_output"); check5(weight, "weight");
+  check_patch_backward(x, dy, weight, groups);
   at::Tensor dxt = dx.has_value() ? *dx : at::Tensor(), dwt = dw.has_value() ? *dw : at::Tensor();
   at::Tensor dbt = db.has_value() ? *db : at::Tensor();
   auto same = [&](const at::Tensor& t, const at::Tensor& like, const char* name) {

@@ -184,8 +184,8 @@ bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Ten
   return mode != 0 && joint_backward_fits(G, x, dy, weight, groups, mode == 1);
 }
 
-bool patch_backward_chosen(const Plan& GI, const at::Tensor& x, const at::Tensor& dy,
-                           const at::Tensor& weight, i64 groups, int mode) {
+bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                           i64 groups, int mode) {
   if (mode == 2) return true;
   if (mode != -1 || x.scalar_type() != at::kFloat) return false;
   // Many input channels and a long patch row: both GEMMs run near peak and the separate passes'
@@ -196,7 +196,6 @@ bool patch_backward_chosen(const Plan& GI, const at::Tensor& x, const at::Tensor
   const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
   const i64 K = Cout_g * weight.size(2) * weight.size(3) * weight.size(4);
   const i64 rows = x.size(0) * x.size(2) * x.size(3) * x.size(4);
-  (void)GI;
   return Cin_g >= 512 && K >= 2048 && rows >= 128;
 }
 

@@ -27,8 +27,8 @@ bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Ten
                            const at::Tensor& weight, i64 groups, int mode);
 
 // Whether the patch backward (backward_patch.cpp) takes the layer under `mode` (the KSTCONV_JOINT
-// knob): 2 wherever it can run, 0 or 1 never, -1 the rules. GI: the grad_input plan.
-bool patch_backward_chosen(const Plan& GI, const at::Tensor& x, const at::Tensor& dy,
-                           const at::Tensor& weight, i64 groups, int mode);
+// knob): 2 wherever it can run, 0 or 1 never, -1 the rules.
+bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& weight,
+                           i64 groups, int mode);
 
 }  // namespace kst

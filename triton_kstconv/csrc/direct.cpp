@@ -83,37 +83,10 @@ bool have_fma() {
   return ok;
 }
 
-// out[q] = sum over taps t of w[t] * x[t][q], q in [0, n): every tap in one pass, the sum in
-// registers (the accumulation order fixed: deterministic)
-__attribute__((target("avx2,fma"))) void taps_avx2(float* __restrict out, const float* w,
-                                                   const float* const* x, i64 T, i64 n) {
-  i64 q = 0;
-  for (; q + 16 <= n; q += 16) {
-    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
-    for (i64 t = 0; t < T; ++t) {
-      const __m256 wt = _mm256_set1_ps(w[t]);
-      v0 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(x[t] + q), v0);
-      v1 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(x[t] + q + 8), v1);
-    }
-    _mm256_storeu_ps(out + q, v0);
-    _mm256_storeu_ps(out + q + 8, v1);
-  }
-  for (; q + 8 <= n; q += 8) {
-    __m256 v0 = _mm256_setzero_ps();
-    for (i64 t = 0; t < T; ++t)
-      v0 = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), _mm256_loadu_ps(x[t] + q), v0);
-    _mm256_storeu_ps(out + q, v0);
-  }
-  for (; q < n; ++q) {
-    float v = 0;
-    for (i64 t = 0; t < T; ++t) v += w[t] * x[t][q];
-    out[q] = v;
-  }
-}
-
-// The same for CB destination channels at once: out[j][q] = sum over t of w[j * ldw + t] * x[t][q].
-// Each source vector is loaded once for all CB channels (CB broadcasts, 2 x CB FMAs per two
-// loads): the register blocking over output channels that groups of 8-16 channels need.
+// out[j][q] = sum over taps t of w[j * ldw + t] * x[t][q] for CB destination channels j and q in
+// [0, n): every tap in one pass, the sums in registers, the accumulation order fixed
+// (deterministic). Each source vector is loaded once for all CB channels (CB broadcasts, 2 x CB
+// FMAs per two loads): the register blocking over output channels that groups of 8 need.
 template <int CB>
 __attribute__((target("avx2,fma"))) void taps_block_avx2(float* const* out, const float* w,
                                                          i64 ldw, const float* const* x, i64 T,
@@ -156,7 +129,10 @@ __attribute__((target("avx2,fma"))) void taps_block_avx2(float* const* out, cons
 template <typename T>
 inline void taps(T* __restrict out, const T* w, const T* const* x, i64 nt, i64 n) {
   if constexpr (std::is_same<T, float>::value)
-    if (have_fma()) return taps_avx2(out, w, x, nt, n);
+    if (have_fma()) {
+      float* const o[1] = {out};
+      return taps_block_avx2<1>(o, w, 0, x, nt, n);
+    }
   for (i64 q = 0; q < n; ++q) {
     T v = 0;
     for (i64 t = 0; t < nt; ++t) v += w[t] * x[t][q];
@@ -253,13 +229,6 @@ struct RowMap {
       }
   }
 };
-
-// The index of the class of a phase that holds q (0 if none: then it has no taps).
-inline i64 class_index(const std::vector<Cls>& cs, i64 q) {
-  for (i64 i = 0; i < i64(cs.size()); ++i)
-    if (q >= cs[i].q0 && q < cs[i].q1) return i;
-  return 0;
-}
 
 // The row-invariant parts of a pass: per w-phase its accumulator offset.
 struct RowShape {
@@ -370,16 +339,17 @@ void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5
     for (i64 od = 0; od < Ad.L_dst; ++od)
       for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
         const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
+        const i64 id = rd < 0 ? -1 : class_index(P.cls[0][rd], qd);
+        const i64 ih = rh < 0 ? -1 : class_index(P.cls[1][rh], qh);
         i64 td0 = 0, td1 = 0, th0 = 0, th1 = 0;
-        if (rd >= 0 && rh >= 0) {
-          class_taps(P.cls[0][rd], qd, td0, td1);
-          class_taps(P.cls[1][rh], qh, th0, th1);
+        if (id >= 0 && ih >= 0) {
+          td0 = P.cls[0][rd][id].t0, td1 = P.cls[0][rd][id].t1;
+          th0 = P.cls[1][rh][ih].t0, th1 = P.cls[1][rh][ih].t1;
         }
         // the block's tap weights depend on the phases and tap classes only: built once per
-        // block for each combination met (the rows of a stride-2 plane alternate phases)
-        const i64 key = rd < 0 || rh < 0 ? -1
-                      : ((rd * ncd + class_index(P.cls[0][rd], qd)) * nphh + rh) * nch +
-                            class_index(P.cls[1][rh], qh);
+        // block for each combination met (the rows of a stride-2 plane alternate phases); a row
+        // of no class has no taps
+        const i64 key = id < 0 || ih < 0 ? -1 : ((rd * ncd + id) * nphh + rh) * nch + ih;
         T* wkey = key < 0 ? wtab.data() : wtab.data() + key * wstride;
         if (key >= 0 && !have[key]) {
           have[key] = 1;

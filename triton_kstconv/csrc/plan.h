@@ -77,12 +77,19 @@ inline bool full_taps(const Plan& P, const Block& b) {
          b.nt(2) == P.ax[2].ph[b.r[2]].T();
 }
 
+// The index of the class of a phase that holds q (-1 if none).
+inline i64 class_index(const std::vector<Cls>& cs, i64 q) {
+  for (i64 i = 0; i < i64(cs.size()); ++i)
+    if (q >= cs[i].q0 && q < cs[i].q1) return i;
+  return -1;
+}
+
 // The tap range of the class of a phase that holds q (0 taps if none).
 inline i64 class_taps(const std::vector<Cls>& cs, i64 q, i64& t0, i64& t1) {
-  for (const Cls& c : cs)
-    if (q >= c.q0 && q < c.q1) { t0 = c.t0; t1 = c.t1; return t1 - t0; }
-  t0 = t1 = 0;
-  return 0;
+  const i64 i = class_index(cs, q);
+  t0 = i < 0 ? 0 : cs[i].t0;
+  t1 = i < 0 ? 0 : cs[i].t1;
+  return t1 - t0;
 }
 
 // A 1x1 input whose output is exactly the kernel footprint (stride/padding/dilation irrelevant:
