@@ -345,6 +345,24 @@ def test_patch_backward_rule_takes_deep_layers(knobs):
     assert cpp_engine.last_method["backward"] != "patch"
 
 
+def test_forward_rule_weight_panel_past_l2():
+    """The forward rule: implicit GEMM while a phase's weight panel for one tap row fits one
+    core's L2, the patch matrix x BLAS once it does not (its tiles would stream it again)."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+    x = torch.randn(2, 64, 12, 12)
+    w = torch.randn(64, 32, 4, 4)
+    geom = geometry_of((12, 12), (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    ref = torch.nn.functional.conv_transpose2d(x.double(), w.double(), stride=2, padding=1)
+    act = parse_activation(None)
+    # panel: 2 taps along w x 64 x 32 channels x 4 bytes = 16 KiB
+    for l2, method in ((1 << 20, 3), (8 << 10, 1)):
+        with cpp_engine.tuning(l2_bytes=l2):
+            out, _ = cpp_engine.forward(x, w, None, geom, act, False)
+        assert cpp_engine.last_method["fwd"] == method, (l2, cpp_engine.last_method)
+        assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
+
+
 def test_patch_backward_rejects_inconsistent_arguments():
     mod, geom, x5, w5, g5 = _binding_args()
     gi = cpp_engine.grad_input_plan(geom)

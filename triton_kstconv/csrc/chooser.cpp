@@ -53,10 +53,8 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
   const bool brg = src.scalar_type() == at::kFloat && blas().brgemm;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
-  double taps = 0;  // mean taps per phase
-  for (i64 p = 0; p < P.P; ++p) taps += double(P.taps(p)) / double(P.P);
-  // Weight-heavy (few pixels, a big weight, batch-1 decoders' deep layers): stream the weight
-  // once, in place (GEMM first forward; weight-streaming grad_input).
+  // Weight-heavy (few pixels, a big weight, batch-1 decoders' deep layers): the forward's patch
+  // matrix x BLAS, grad_input's weight streaming (the weight read once, in place).
   const bool weight_heavy = weight.numel() > 2 * (src.numel() + dst.numel());
   if (!swap) {
     if (!brg) {
@@ -64,17 +62,24 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
       return c.b < c.a ? kGemmFirst : kPatchBlas;
     }
     if (Cdst_g <= 8) return kGemmFirst;
-    // Small strided images (pix2pix's inner levels, DCGAN's 4x4): the phase patch matrix is
-    // small and brgemm multiplies it best, once the batch gives enough rows or the image is a
-    // few pixels (perf/results, forward methods measured side by side at batch 1-64).
-    const i64 rows = src.size(0) * in_img;
-    if (P.P > 1 && (in_img <= 4 || (in_img <= 16 && rows >= 64))) return kPatchBrgemm;
-    if (in_img <= 4 || weight_heavy) return kGemmFirst;
-    i64 qw = 0;
-    for (const AxisPhase& ph : P.ax[2].ph) qw = std::max(qw, ph.Q);
-    if (!channels_last_like(src) && src.stride(4) == 1 &&
-        ((taps <= 1.0 && qw >= 16) || (taps <= 2.0 && qw >= 256)))
-      return kImplicitKM;
+    // A few pixels: the phase patch matrix is tiny and brgemm multiplies it best (pix2pix
+    // 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a 1x1 latent): GEMM first.
+    if (in_img <= 4) return P.P > 1 ? kPatchBrgemm : kGemmFirst;
+    // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole
+    // weight panel for one (d, h) tap [taps_w x c_src, c_dst]: past one core's L2 that panel is
+    // streamed again for every tile, and the patch matrix x BLAS (which packs the weight once per
+    // block) won by 1.3-2.7x: DCGAN 512-256 at 4x4 (27 vs 36 ms), pix2pix 1024-512 at 8x8 (10
+    // vs 19; GEMM first 27), U-Net 1024-512 (9 vs 23), HiFi-GAN 512-256 k16s8 (16 vs 21). At or
+    // under L2 implicit MK won or tied (pix2pix 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256:
+    // 14.7 vs 17.8). Weight-heavy layers (batch-1 deep decoders) take the patch matrix too: it
+    // tied GEMM first at 4x4 and beat it 2.7x at 8x8 (perf/results, forward methods, AVX2 VM).
+    i64 tw_max = 0;
+    for (const AxisPhase& ph : P.ax[2].ph) tw_max = std::max(tw_max, ph.T());
+    const double panel = 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g);
+    if (weight_heavy || panel > double(tuning().l2_bytes)) return kPatchBlas;
+    // Implicit KM (method 4, the source read in place) lost to MK on every layer of the suite
+    // (U-Net k2s2 at 64x64: 10.5 vs 17.3 ms, 3D U-Net 64-32: 230 vs 469, HiFi-GAN 128-64 k4s2:
+    // 19.8 vs 39); it stays for forcing (KSTCONV_METHOD=4).
     return kImplicitMK;
   }
   const i64 dx_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;

@@ -84,6 +84,7 @@ struct Tuning {
   i64 gemm_first_cap = i64(1) << 20;  // elements of GEMM-first's C buffer
   i64 brg_rows = 32;                // implicit MK: pixels per brgemm tile
   i64 brg_cols = 64;                // implicit KM: pixels per brgemm tile
+  i64 l2_bytes = i64(512) << 10;    // one core's L2 (plan.cpp reads the machine's at start)
 };
 Tuning& tuning();
 

@@ -1,10 +1,19 @@
 // The plan: decoding the flat encoding, validity classes, work items (see plan.h).
 #include "plan.h"
 
+#include <unistd.h>
+
 namespace kst {
 
 Tuning& tuning() {
-  static Tuning t;
+  static Tuning t = [] {
+    Tuning d;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where the system does not say
+    if (l2 >= (64 << 10) && l2 <= (64l << 20)) d.l2_bytes = l2;
+#endif
+    return d;
+  }();
   return t;
 }
 
