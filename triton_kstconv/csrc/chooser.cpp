@@ -40,6 +40,14 @@ OrderCost order_cost(const Plan& P, i64 N, i64 Cin_g, i64 Cout_g, i64 groups, co
   return c;
 }
 
+// Whether the weight panel an implicit-GEMM tile multiplies for one (d, h) tap, [taps along w x
+// c_src, c_dst] in float32, outgrows one core's L2 (every tile then streams it again).
+bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g) {
+  i64 tw_max = 0;
+  for (const AxisPhase& ph : P.ax[2].ph) tw_max = std::max(tw_max, ph.T());
+  return 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g) > double(tuning().l2_bytes);
+}
+
 // The rules (no forcing): see README "CPU engine" for the strategies.
 Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                        const at::Tensor& weight, i64 groups, bool swap) {
@@ -73,10 +81,7 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // under L2 implicit MK won or tied (pix2pix 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256:
     // 14.7 vs 17.8). Weight-heavy layers (batch-1 deep decoders) take the patch matrix too: it
     // tied GEMM first at 4x4 and beat it 2.7x at 8x8 (perf/results, forward methods, AVX2 VM).
-    i64 tw_max = 0;
-    for (const AxisPhase& ph : P.ax[2].ph) tw_max = std::max(tw_max, ph.T());
-    const double panel = 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g);
-    if (weight_heavy || panel > double(tuning().l2_bytes)) return kPatchBlas;
+    if (weight_heavy || panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
     // Implicit KM (method 4, the source read in place) lost to MK on every layer of the suite
     // (U-Net k2s2 at 64x64: 10.5 vs 17.3 ms, 3D U-Net 64-32: 230 vs 469, HiFi-GAN 128-64 k4s2:
     // 19.8 vs 39); it stays for forcing (KSTCONV_METHOD=4).
@@ -89,7 +94,6 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   const i64 out_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
   bool k_eq_s = true;
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].a;
-  const i64 KK = kk[0] * kk[1] * kk[2];
   const bool one_d = P.ax[0].L_dst == 1 && P.ax[1].L_dst == 1;
   // few grad_out channels (RGB heads, FSRCNN): implicit GEMM beat the patch matrix by 10-25 %
   // in 2D (dcgan 64-3, pix2pix 128-3, FSRCNN 56-1 at s 2-4)
@@ -97,7 +101,11 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   // rows of at most 8 pixels (DCGAN's 8x8 input): the patch matrix from a channels-last copy
   // (patch_layout_mk) beat implicit GEMM by 10-15 % at batch 16 and 64
   if (patch_layout_mk(src, P, Csrc_g)) return kPatchBlas;
-  if (Csrc_g <= 8 || (one_d && Csrc_g <= 32 && KK <= 16) || (k_eq_s && out_img >= 1024)) return kPatchBlas;
+  // the weight panel past L2, as in the forward: HiFi-GAN 256-128 k16s8 32 vs 42 ms, 512-256
+  // k16s8 20 vs 40, pix2pix 512-128 at 32x32 22 vs 26 (HiFi-GAN 64-32 k4s2, a 32 KiB panel:
+  // implicit GEMM 10.7 vs 12.7)
+  if (panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
+  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024)) return kPatchBlas;
   return kImplicitMK;
 }
 
@@ -162,8 +170,9 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
   if (Cin_g == 1 && Cout_g <= kDirectWgradMaxChannels) return kWgradDirect;
   if (weight_heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
-  if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !(one_d && Cin_g <= 128))
-    return kWgradBrgemm;
+  // 1-D layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2;
+  // 512-256 and the k4s2 layers within noise)
+  if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !one_d) return kWgradBrgemm;
   return c.b < c.a ? kWgradGemmFirst : kWgradPatch;
 }
 
