@@ -6,7 +6,7 @@ import torch
 from triton_kstconv import cpp_engine
 from triton_kstconv.epilogue import parse_activation
 from triton_kstconv.ops import geometry_of
-from cases import BY_NAME
+from cases import BY_NAME, GROUPED_BLOCKS
 from conftest import assert_close, make_case, reduction_length, reference
 
 NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
@@ -17,7 +17,7 @@ NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
 FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
        (3, torch.float32), (4, torch.float32), (5, torch.float32), (7, torch.float64),
        (7, torch.float32)]
-NAMES += ["depthwise_mult2", "1d_depthwise", "groups2_c12_c10", "groups4_c12_c12_k3s2"]
+NAMES += ["depthwise_mult2", "1d_depthwise"] + [c.name for c in GROUPED_BLOCKS]
 
 
 def _geom(c):
@@ -361,6 +361,30 @@ def test_forward_rule_weight_panel_past_l2():
             out, _ = cpp_engine.forward(x, w, None, geom, act, False)
         assert cpp_engine.last_method["fwd"] == method, (l2, cpp_engine.last_method)
         assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
+
+
+@pytest.mark.parametrize("nd,size,k,s,p,act", [
+    (2, (6, 16), 4, 2, 1, "relu"),      # two phases interleaved, rows of 32
+    (2, (5, 12), 3, 2, 1, None),        # rows of 23: the aligned head, then the tail
+    (1, (13,), 16, 8, 4, "silu"),       # eight phases interleaved by transposes
+    (1, (7,), 16, 8, 0, None),
+], ids=str)
+def test_direct_streaming_stores(nd, size, k, s, p, act):
+    """The direct strategy's non-temporal row writes (taken for large destinations; forced here
+    for any size) and the epilogue run on the phase sums before them, against PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, *size)
+    w = torch.randn(6, 2, *(k,) * nd)
+    b = torch.randn(12)
+    geom = geometry_of(size, (k,) * nd, (s,) * nd, (p,) * nd, (0,) * nd, 6, (1,) * nd)
+    conv = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d}[nd]
+    ref = conv(x.double(), w.double(), b.double(), stride=s, padding=p, groups=6)
+    ref = {None: ref, "relu": torch.relu(ref), "silu": torch.nn.functional.silu(ref)}[act]
+    for stream_bytes in (1, 1 << 40):
+        with cpp_engine.tuning(stream_bytes=stream_bytes):
+            out, _ = _forced("fwd", 7, lambda: cpp_engine.forward(
+                x, w, b, geom, parse_activation(act), False, method=7))
+        assert_close(out, ref, torch.float32, reduction_length(1, 1, (k,) * nd, (s,) * nd))
 
 
 def test_patch_backward_rejects_inconsistent_arguments():

@@ -114,8 +114,9 @@ def gemm_paths() -> dict:
 @contextlib.contextmanager
 def tuning(**values):
     """Work-item sizes inside the block (the tests cut passes into many tiny items):
-    cols_cap, item_pixels, gemm_first_cap, brg_rows, brg_cols; and l2_bytes, the cache size
-    the forward's rule compares weight panels with."""
+    cols_cap, item_pixels, gemm_first_cap, brg_rows, brg_cols; l2_bytes, the cache size the
+    forward's rule compares weight panels with; stream_bytes, the destination size from which
+    the direct strategy writes with non-temporal stores."""
     mod = load()
     saved = dict(mod.get_tuning())
     mod.set_tuning(values)

@@ -48,6 +48,7 @@ void set_tuning(const std::map<std::string, i64>& values) {
     else if (key == "brg_rows") t.brg_rows = v;
     else if (key == "brg_cols") t.brg_cols = v;
     else if (key == "l2_bytes") t.l2_bytes = v;
+    else if (key == "stream_bytes") t.stream_bytes = v;
     else TORCH_CHECK(false, "kstconv: no tuning value ", key);
   }
 }
@@ -56,7 +57,8 @@ std::map<std::string, i64> get_tuning() {
   const Tuning& t = tuning();
   return {{"cols_cap", t.cols_cap}, {"item_pixels", t.item_pixels},
           {"gemm_first_cap", t.gemm_first_cap}, {"brg_rows", t.brg_rows},
-          {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes}};
+          {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
+          {"stream_bytes", t.stream_bytes}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an

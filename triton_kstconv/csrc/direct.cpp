@@ -156,51 +156,91 @@ inline void taps_block(T* const* out, const T* w, i64 ldw, const T* const* x, i6
   for (i64 j = 0; j < cb; ++j) taps(out[j], w + j * ldw, x, nt, n);
 }
 
-// A source row along w, zero-padded so that every tap of every phase reads inside it, and
-// split into its `a` residues (a: the stride the source is read at): residue r, element i is
-// padded position a * i + r, i.e. source position a * i + r - left.
-struct PaddedRows {
-  i64 a = 1, left = 0, ld = 0;   // left: a multiple of a
-  std::vector<std::vector<i64>> off;  // per phase, per tap: where q = 0 reads, from the row
-  explicit PaddedRows(const Axis& A) : a(A.a) {
+// One axis of a padded source volume: zero-padded so that every tap of every phase reads inside
+// it, and split into its `a` residues (a: the stride the source is read at): residue r, element
+// i is padded position a * i + r, i.e. source position a * i + r - left.
+struct PaddedAxis {
+  i64 a = 1, left = 0, ld = 0;   // left: a multiple of a; ld: elements of one residue
+  i64 qmax = 0;                  // the most destination positions of a phase
+  std::vector<std::vector<i64>> r, i0;  // per phase, per tap: where q = 0 reads
+  explicit PaddedAxis(const Axis& A) : a(A.a) {
     i64 lo = 0, hi = A.L_src;
-    for (const AxisPhase& p : A.ph)
+    for (const AxisPhase& p : A.ph) {
+      qmax = std::max(qmax, p.Q);
       for (i64 t = 0; t < p.T() && p.Q > 0; ++t) {
         lo = std::min(lo, p.soff[t]);
         hi = std::max(hi, a * (p.Q - 1) + p.soff[t] + 1);
       }
+    }
     left = ((-lo + a - 1) / a) * a;
     ld = (left + hi + a - 1) / a;
     for (const AxisPhase& p : A.ph) {
-      off.emplace_back();
+      r.emplace_back();
+      i0.emplace_back();
       for (i64 t = 0; t < p.T(); ++t) {
-        const i64 pos = p.soff[t] + left, r = pos % a;
-        off.back().push_back(r * ld + (pos - r) / a);
+        const i64 pos = p.soff[t] + left;
+        r.back().push_back(pos % a);
+        i0.back().push_back(pos / a);
       }
     }
   }
-  i64 size() const { return a * ld; }
+  // the row pitch: room for a residue's elements and for a phase's destination positions
+  i64 pitch() const { return std::max(ld, qmax); }
+  // source row x (L elements, stride xst) into its residues: residue r at dst + r * rst (the
+  // padding is not written: the caller's buffer holds zeros there)
   template <typename T>
-  void fill(const T* x, i64 xst, i64 L, T* dst) const {
+  void split(const T* x, i64 xst, i64 L, T* dst, i64 rst) const {
     if (a == 1) {
-      std::fill(dst, dst + left, T(0));
       if (xst == 1) std::copy(x, x + L, dst + left);
       else for (i64 j = 0; j < L; ++j) dst[left + j] = x[j * xst];
-      std::fill(dst + left + L, dst + ld, T(0));
       return;
     }
-    std::fill(dst, dst + size(), T(0));
     if constexpr (std::is_same<T, float>::value)
       if (a == 2 && xst == 1 && have_avx2()) {   // left is even: residues stay in place
-        const i64 h = left / 2, done = deinterleave2(x, L / 2, dst + h, dst + ld + h);
-        for (i64 j = 2 * done; j < L; ++j) dst[(j % 2) * ld + h + j / 2] = x[j];
+        const i64 h = left / 2, done = deinterleave2(x, L / 2, dst + h, dst + rst + h);
+        for (i64 j = 2 * done; j < L; ++j) dst[(j % 2) * rst + h + j / 2] = x[j];
         return;
       }
-    for (i64 r = 0; r < a; ++r) {
-      // padded positions a * i + r with source position a * i + r - left in [0, L)
-      const i64 i0 = (left - r + a - 1) / a;
-      T* d = dst + r * ld;
-      for (i64 i = i0, j = a * i0 + r - left; j < L; ++i, j += a) d[i] = x[j * xst];
+    for (i64 rr = 0; rr < a; ++rr) {
+      // padded positions a * i + rr with source position a * i + rr - left in [0, L)
+      const i64 i = (left - rr + a - 1) / a;
+      T* d = dst + rr * rst;
+      for (i64 ii = i, j = a * i + rr - left; j < L; ++ii, j += a) d[ii] = x[j * xst];
+    }
+  }
+};
+
+// A source volume (one channel of one image), zero-padded on every axis and split into its
+// residues per axis, laid out [r_d][r_h][r_w][i_d][i_h][i_w] with pitches (S0, S1, 1): every tap
+// of every phase is then one flat shift, and a phase's destination q = (qd, qh, qw) sits at
+// qd * S0 + qh * S1 + qw. A band of rows of a phase is one contiguous run: the columns between
+// Q_w and the pitch are computed and dropped (their reads stay inside the volume).
+struct PaddedVolume {
+  PaddedAxis ax[3];
+  i64 S0 = 0, S1 = 0, sub = 0, size = 0;  // sub: one residue combination
+  explicit PaddedVolume(const Plan& P) : ax{PaddedAxis(P.ax[0]), PaddedAxis(P.ax[1]),
+                                             PaddedAxis(P.ax[2])} {
+    S1 = ax[2].pitch();
+    S0 = ax[1].pitch() * S1;
+    sub = ax[0].ld * S0;
+    size = ax[0].a * ax[1].a * ax[2].a * sub;
+  }
+  // where q = 0 of phase (rd, rh, rw) reads for taps (td, th, tw)
+  i64 tap(i64 rd, i64 rh, i64 rw, i64 td, i64 th, i64 tw) const {
+    const i64 base = (ax[0].r[rd][td] * ax[1].a + ax[1].r[rh][th]) * ax[2].a + ax[2].r[rw][tw];
+    return base * sub + ax[0].i0[rd][td] * S0 + ax[1].i0[rh][th] * S1 + ax[2].i0[rw][tw];
+  }
+  // source plane x (D x H rows of W) into `dst`, whose padding holds zeros
+  template <typename T>
+  void fill(const View5<const T>& X, i64 n, i64 c, T* dst) const {
+    const i64 D = X.size[2], H = X.size[3], W = X.size[4];
+    for (i64 d = 0; d < D; ++d) {
+      const i64 pd = d + ax[0].left, pdr = pd % ax[0].a, pdi = pd / ax[0].a;
+      for (i64 h = 0; h < H; ++h) {
+        const i64 ph = h + ax[1].left, phr = ph % ax[1].a, phi = ph / ax[1].a;
+        T* row = dst + (pdr * ax[1].a + phr) * ax[2].a * sub + pdi * S0 + phi * S1;
+        ax[2].split(X.at(n, c, d, h, 0), X.st[4], W, row, sub);
+      }
     }
   }
 };
@@ -230,41 +270,59 @@ struct RowMap {
   }
 };
 
-// The row-invariant parts of a pass: per w-phase its accumulator offset.
-struct RowShape {
-  std::vector<i64> off;
-  i64 total = 0;
-  explicit RowShape(const Axis& Aw) {
-    for (const AxisPhase& p : Aw.ph) off.push_back(total), total += p.Q;
+// How a pass writes its destination rows from the w-phases' sums.
+struct RowWrite {
+  bool pair = false;    // two phases interleaved (s = 2), AVX2
+  bool eight = false;   // eight phases interleaved (s = 8) by 8 x 8 transposes, AVX2
+  bool plain = false;   // one phase, s = 1: a copy
+  bool stream = false;  // non-temporal stores (a destination far larger than the caches)
+  RowWrite(const Axis& Aw, bool f32, i64 dst_bytes, i64 dst_w_stride) {
+    const i64 nph = i64(Aw.ph.size());
+    bool in_order = true;
+    for (i64 r = 0; r < nph; ++r) in_order = in_order && Aw.ph[r].dst_off == r;
+    pair = f32 && Aw.s == 2 && nph == 2 && in_order && have_avx2();
+    eight = f32 && Aw.s == 8 && nph == 8 && in_order && have_avx2();
+    plain = nph == 1 && Aw.s == 1 && Aw.ph[0].dst_off == 0;
+    stream = f32 && dst_w_stride == 1 && dst_bytes >= tuning().stream_bytes && have_avx2();
   }
 };
 
-// One destination row from its w-phases' accumulators `a`: the phases into one contiguous row
-// (the destination row itself where it is contiguous), then the epilogue in place.
+// One destination row from its w-phases' sums: `ph[rw]` holds phase rw's Q elements, phase rows
+// `ldp` apart (the epilogue runs on them in place, then they are written into the row once);
+// `ph` null: a row no phase reaches (bias only).
 template <typename T, int ACT>
 void store_row(const View5<T>& Y, const View5<T>& Pre, const T* bias, T slope, const Axis& Aw,
-               const RowShape& rs, bool pair, bool plain, const T* a, T* row, i64 n, i64 c,
-               i64 od, i64 oh) {
+               const RowWrite& rw_, T* const* ph, i64 ldp, T* row, i64 n, i64 c, i64 od,
+               i64 oh) {
   const i64 Lw = Aw.L_dst, nph = i64(Aw.ph.size());
   const T bv = bias ? bias[c] : T(0);
   T* y = Y.at(n, c, od, oh, 0);
   const i64 ys = Y.st[4];
+  if (ph && !Pre.p && (ACT != 0 || bias))   // the epilogue on the sums, before the one write
+    for (i64 r = 0; r < nph; ++r)
+      for (i64 q = 0; q < Aw.ph[r].Q; ++q) ph[r][q] = act_fn<T, ACT>(ph[r][q] + bv, slope);
+  const bool done_epilogue = ph && !Pre.p;
   T* out = (ys == 1 && !Pre.p) ? y : row;
   i64 done = 0;
-  if (plain) {
-    std::copy(a, a + Lw, out);
+  if (!ph) {
+    std::fill(out, out + Lw, T(0));
     done = Lw;
-  } else if (pair) {
-    if constexpr (std::is_same<T, float>::value)
-      done = interleave2(a, a + rs.off[1], Aw.ph[1].Q, out);
+  } else if (rw_.plain) {
+    std::copy(ph[0], ph[0] + Lw, out);
+    done = Lw;
+  } else if constexpr (std::is_same<T, float>::value) {
+    const bool nt = rw_.stream && out == y;
+    if (rw_.pair) done = 2 * interleave2(ph[0], ph[1], Aw.ph[1].Q, out, nt);
+    else if (rw_.eight) done = 8 * interleave8(ph[0], ldp, Aw.ph[7].Q, out, nt);
   }
+  // the rest: position o = s * q + r (phases in order when pair / eight did the head)
   for (i64 rw = 0; rw < nph && done < Lw; ++rw) {
     const AxisPhase& pw = Aw.ph[rw];
-    const T* ar = a + rs.off[rw];
-    for (i64 q = pair ? done : 0; q < pw.Q; ++q) out[Aw.s * q + pw.dst_off] = ar[q];
+    for (i64 q = ceil_div(std::max<i64>(0, done - pw.dst_off), Aw.s); q < pw.Q; ++q)
+      out[Aw.s * q + pw.dst_off] = ph[rw][q];
   }
   if (out == y) {
-    if (ACT != 0 || bias)
+    if (!done_epilogue && (ACT != 0 || bias))
       for (i64 o = 0; o < Lw; ++o) y[o] = act_fn<T, ACT>(y[o] + bv, slope);
   } else if (Pre.p) {
     T* pp = Pre.at(n, c, od, oh, 0);
@@ -273,123 +331,134 @@ void store_row(const View5<T>& Y, const View5<T>& Pre, const T* bias, T slope, c
       pp[o * Pre.st[4]] = v;
       y[o * ys] = act_fn<T, ACT>(v, slope);
     }
+  } else if (done_epilogue) {
+    for (i64 o = 0; o < Lw; ++o) y[o * ys] = out[o];
   } else {
     for (i64 o = 0; o < Lw; ++o) y[o * ys] = act_fn<T, ACT>(out[o] + bv, slope);
   }
 }
 
-// Destination planes in blocks of up to kDirectBlock channels of one (image, group): block b
-// is (n, g, channels [cb0, cb0 + cb)); the channels of a block share every source row load.
+// Accumulator budget of one band (floats, all phases of a d-slice and channels of a block).
+constexpr i64 kDirectBand = i64(1) << 15;
+
+// Destination volumes in blocks of up to kDirectBlock channels of one (image, group): block b is
+// (n, g, channels [cb0, cb0 + cb)); the channels of a block share every source load. Per
+// destination d-slice, bands of rows: every (h, w) phase's rows of the band in one pass over all
+// its taps (source channel x d x h x w, each a flat shift of the padded volumes), then the
+// band's destination rows interleaved from the phases and stored.
 template <typename T, int ACT>
-void direct_planes(const View5<const T>& X, const View5<const T>& W, const View5<T>& Y,
-                   const View5<T>& Pre, const T* bias, T slope, const Plan& P, bool swap,
-                   i64 groups, i64 Csrc_g, i64 Cdst_g, i64 b0, i64 b1) {
+void direct_volumes(const View5<const T>& X, const View5<const T>& W, const View5<T>& Y,
+                    const View5<T>& Pre, const T* bias, T slope, const Plan& P, bool swap,
+                    i64 groups, i64 Csrc_g, i64 Cdst_g, i64 b0, i64 b1) {
   const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
+  const PaddedVolume pv(P);
   const RowMap md(Ad), mh(Ah);
-  const RowShape rs(Aw);
-  const PaddedRows pr(Aw);
-  const i64 KD = W.size[2], KH = W.size[3], KW = W.size[4], KK = KD * KH * KW;
-  const i64 Lw = Aw.L_dst, nph = i64(Aw.ph.size()), Lh = Ah.L_src, Ld = Ad.L_src;
-  const i64 nblk = ceil_div(Cdst_g, kDirectBlock);
-  // phases written into the destination row: two interleaved (AVX2) or in order
-  const bool pair = std::is_same<T, float>::value && Aw.s == 2 && nph == 2 &&
-                    Aw.ph[0].dst_off == 0 && Aw.ph[1].dst_off == 1 && have_avx2();
-  const bool plain = nph == 1 && Aw.s == 1 && Aw.ph[0].dst_off == 0;
+  const i64 KH = W.size[3], KW = W.size[4];
+  const i64 Lw = Aw.L_dst, nphd = i64(Ad.ph.size()), nphh = i64(Ah.ph.size());
+  const i64 nphw = i64(Aw.ph.size()), nblk = ceil_div(Cdst_g, kDirectBlock);
+  i64 dst_elems = 1;
+  for (int d = 0; d < 5; ++d) dst_elems *= Y.size[d];
+  const RowWrite rwr(Aw, std::is_same<T, float>::value, dst_elems * i64(sizeof(T)), Y.st[4]);
+  // per phase: its taps' flat shifts (source channel 0) and where its weights start
+  std::vector<std::vector<i64>> toff(P.P);
+  std::vector<i64> woff(P.P + 1, 0);
   i64 max_taps = 0;
-  for (const AxisPhase& p : Aw.ph) max_taps = std::max(max_taps, p.T());
-  max_taps *= Csrc_g * KD * KH;
-  // per block channel j: its weights wl[j], accumulators acc[j], tap weights wt[j]
-  std::vector<T> wl(kDirectBlock * Csrc_g * KK), acc(kDirectBlock * rs.total), row(Lw);
-  // tap weights per (d-phase, d-class, h-phase, h-class), each [w-phase][channel][tap]
-  i64 ncd = 1, nch = 1;
-  for (const auto& c : P.cls[0]) ncd = std::max<i64>(ncd, i64(c.size()));
-  for (const auto& c : P.cls[1]) nch = std::max<i64>(nch, i64(c.size()));
-  const i64 nphd = i64(Ad.ph.size()), nphh = i64(Ah.ph.size());
-  const i64 wstride = nph * kDirectBlock * max_taps;
-  std::vector<T> wtab(std::max<i64>(1, nphd * ncd * nphh * nch) * wstride);
-  std::vector<char> have(nphd * ncd * nphh * nch);
+  for (i64 p = 0; p < P.P; ++p) {
+    i64 c[3];
+    P.phase_coords(p, c);
+    const i64 Td = Ad.ph[c[0]].T(), Th = Ah.ph[c[1]].T(), Tw = Aw.ph[c[2]].T();
+    for (i64 td = 0; td < Td; ++td)
+      for (i64 th = 0; th < Th; ++th)
+        for (i64 tw = 0; tw < Tw; ++tw) toff[p].push_back(pv.tap(c[0], c[1], c[2], td, th, tw));
+    const i64 nt = Csrc_g * i64(toff[p].size());
+    max_taps = std::max(max_taps, nt);
+    woff[p + 1] = woff[p] + kDirectBlock * nt;
+  }
+  // a band: rows of q_h whose sums for every (h, w) phase and channel fit the budget
+  const i64 band = std::min(std::max<i64>(1, pv.ax[1].qmax),
+                            std::max<i64>(1, kDirectBand / (nphh * nphw * kDirectBlock * pv.S1)));
+  std::vector<T> wtab(std::max<i64>(1, woff[P.P])), row(Lw);
+  std::vector<T> acc(kDirectBlock * nphh * nphw * band * pv.S1);
   std::vector<const T*> xt(max_taps);
+  std::vector<T*> ph(nphw);
   T* outs[kDirectBlock];
-  // the group's source planes, each row padded and split once per plane
-  std::vector<T> src(Csrc_g * Ld * Lh * pr.size());
-  i64 loaded = -1;   // (n, g) whose source planes src holds
+  // the group's source volumes; zero once: every fill writes the same (real) positions
+  std::vector<T> src(Csrc_g * pv.size, T(0));
+  i64 loaded = -1;   // (n, g) whose source volumes src holds
   for (i64 blk = b0; blk < b1; ++blk) {
     const i64 n = blk / (groups * nblk), g = (blk / nblk) % groups;
     const i64 cb0 = (blk % nblk) * kDirectBlock, cb = std::min(kDirectBlock, Cdst_g - cb0);
     if (loaded != n * groups + g) {
-      for (i64 cs = 0; cs < Csrc_g; ++cs)
-        for (i64 d = 0; d < Ld; ++d)
-          for (i64 h = 0; h < Lh; ++h)
-            pr.fill(X.at(n, g * Csrc_g + cs, d, h, 0), X.st[4], Aw.L_src,
-                    src.data() + ((cs * Ld + d) * Lh + h) * pr.size());
+      for (i64 cs = 0; cs < Csrc_g; ++cs) pv.fill(X, n, g * Csrc_g + cs, src.data() + cs * pv.size);
       loaded = n * groups + g;
     }
-    // weight [C_in, C_out/g, kd, kh, kw]: forward (the source in the group's C_in, the
-    // destination's column), grad_input (the destination in C_in, the source's column)
-    std::fill(have.begin(), have.end(), char(0));
-    for (i64 j = 0; j < cb; ++j) {
-      const i64 c = g * Cdst_g + cb0 + j;
-      for (i64 cs = 0; cs < Csrc_g; ++cs)
-        for (i64 k = 0; k < KK; ++k) {
-          const i64 kd = k / (KH * KW), kh = (k / KW) % KH, kw = k % KW;
-          wl[(j * Csrc_g + cs) * KK + k] =
-              swap ? *W.at(c, cs, kd, kh, kw) : *W.at(g * Csrc_g + cs, cb0 + j, kd, kh, kw);
-        }
+    // tap weights per phase, [channel j][source channel][td][th][tw]; weight [C_in, C_out/g,
+    // kd, kh, kw]: forward (the source in the group's C_in, the destination's column),
+    // grad_input (the destination in C_in, the source's column)
+    for (i64 p = 0; p < P.P; ++p) {
+      i64 c[3];
+      P.phase_coords(p, c);
+      const AxisPhase &pd = Ad.ph[c[0]], &phh = Ah.ph[c[1]], &pw = Aw.ph[c[2]];
+      const i64 nt = Csrc_g * i64(toff[p].size());
+      for (i64 j = 0; j < cb; ++j) {
+        T* wj = wtab.data() + woff[p] + j * nt;
+        const i64 cd = g * Cdst_g + cb0 + j;
+        for (i64 cs = 0; cs < Csrc_g; ++cs)
+          for (i64 td = 0; td < pd.T(); ++td)
+            for (i64 th = 0; th < phh.T(); ++th)
+              for (i64 tw = 0; tw < pw.T(); ++tw) {
+                const i64 kd = pd.widx[td], kh = phh.widx[th], kw = pw.widx[tw];
+                *wj++ = swap ? *W.at(cd, cs, kd, kh, kw)
+                             : *W.at(g * Csrc_g + cs, cb0 + j, kd, kh, kw);
+              }
+      }
     }
-    for (i64 od = 0; od < Ad.L_dst; ++od)
-      for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
-        const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
-        const i64 id = rd < 0 ? -1 : class_index(P.cls[0][rd], qd);
-        const i64 ih = rh < 0 ? -1 : class_index(P.cls[1][rh], qh);
-        i64 td0 = 0, td1 = 0, th0 = 0, th1 = 0;
-        if (id >= 0 && ih >= 0) {
-          td0 = P.cls[0][rd][id].t0, td1 = P.cls[0][rd][id].t1;
-          th0 = P.cls[1][rh][ih].t0, th1 = P.cls[1][rh][ih].t1;
-        }
-        // the block's tap weights depend on the phases and tap classes only: built once per
-        // block for each combination met (the rows of a stride-2 plane alternate phases); a row
-        // of no class has no taps
-        const i64 key = id < 0 || ih < 0 ? -1 : ((rd * ncd + id) * nphh + rh) * nch + ih;
-        T* wkey = key < 0 ? wtab.data() : wtab.data() + key * wstride;
-        if (key >= 0 && !have[key]) {
-          have[key] = 1;
-          for (i64 rw = 0; rw < nph; ++rw) {
+    auto store_zero_row = [&](i64 od, i64 oh) {
+      for (i64 j = 0; j < cb; ++j)
+        store_row<T, ACT>(Y, Pre, bias, slope, Aw, rwr, nullptr, 0, row.data(), n,
+                          g * Cdst_g + cb0 + j, od, oh);
+    };
+    for (i64 od = 0; od < Ad.L_dst; ++od) {
+      const i64 rd = md.ph[od], qd = md.q[od];
+      if (rd < 0) {   // a slice no phase reaches
+        for (i64 oh = 0; oh < Ah.L_dst; ++oh) store_zero_row(od, oh);
+        continue;
+      }
+      for (i64 oh = 0; oh < Ah.L_dst; ++oh)
+        if (mh.ph[oh] < 0) store_zero_row(od, oh);
+      for (i64 qh0 = 0; qh0 < pv.ax[1].qmax; qh0 += band) {
+        // the band's sums: acc[j][rh][rw] rows qh0 .. qh0 + band at pitch S1
+        for (i64 rh = 0; rh < nphh; ++rh) {
+          const i64 nq = std::min(Ah.ph[rh].Q, qh0 + band) - qh0;
+          for (i64 rw = 0; rw < nphw && nq > 0; ++rw) {
             const AxisPhase& pw = Aw.ph[rw];
-            T* wph = wkey + rw * kDirectBlock * max_taps;
-            for (i64 j = 0; j < cb; ++j) {
-              T* wj = wph + j * max_taps;
-              const T* wlj = wl.data() + j * Csrc_g * KK;
-              for (i64 cs = 0; cs < Csrc_g; ++cs)
-                for (i64 td = td0; td < td1; ++td)
-                  for (i64 th = th0; th < th1; ++th) {
-                    const T* wrow = wlj + cs * KK +
-                                    (Ad.ph[rd].widx[td] * KH + Ah.ph[rh].widx[th]) * KW;
-                    for (i64 tw = 0; tw < pw.T(); ++tw) *wj++ = wrow[pw.widx[tw]];
-                  }
+            if (pw.Q == 0) continue;
+            const i64 p = (rd * nphh + rh) * nphw + rw;
+            const i64 start = qd * pv.S0 + qh0 * pv.S1;
+            i64 nt = 0;
+            for (i64 cs = 0; cs < Csrc_g; ++cs) {
+              const T* base = src.data() + cs * pv.size + start;
+              for (i64 o : toff[p]) xt[nt++] = base + o;
             }
+            for (i64 j = 0; j < cb; ++j)
+              outs[j] = acc.data() + ((j * nphh + rh) * nphw + rw) * band * pv.S1;
+            taps_block(outs, wtab.data() + woff[p], nt, xt.data(), nt, (nq - 1) * pv.S1 + pw.Q,
+                       cb);
           }
         }
-        // per w-phase: every (source channel, d tap, h tap, w tap) in one pass
-        for (i64 rw = 0; rw < nph; ++rw) {
-          const AxisPhase& pw = Aw.ph[rw];
-          const T* wph = wkey + rw * kDirectBlock * max_taps;
-          i64 nt = 0;
-          for (i64 cs = 0; cs < Csrc_g; ++cs)
-            for (i64 td = td0; td < td1; ++td)
-              for (i64 th = th0; th < th1; ++th) {
-                const AxisPhase &pd = Ad.ph[rd], &ph = Ah.ph[rh];
-                const i64 sd = Ad.a * qd + pd.soff[td], sh = Ah.a * qh + ph.soff[th];
-                const T* xrow = src.data() + ((cs * Ld + sd) * Lh + sh) * pr.size();
-                const i64* xo = pr.off[rw].data();
-                for (i64 tw = 0, nw = pw.T(); tw < nw; ++tw) xt[nt++] = xrow + xo[tw];
-              }
-          for (i64 j = 0; j < cb; ++j) outs[j] = acc.data() + j * rs.total + rs.off[rw];
-          taps_block(outs, wph, max_taps, xt.data(), nt, pw.Q, cb);
-        }
-        for (i64 j = 0; j < cb; ++j)
-          store_row<T, ACT>(Y, Pre, bias, slope, Aw, rs, pair, plain, acc.data() + j * rs.total,
-                            row.data(), n, g * Cdst_g + cb0 + j, od, oh);
+        for (i64 rh = 0; rh < nphh; ++rh)
+          for (i64 qh = qh0; qh < std::min(Ah.ph[rh].Q, qh0 + band); ++qh) {
+            const i64 oh = Ah.s * qh + Ah.ph[rh].dst_off;
+            for (i64 j = 0; j < cb; ++j) {
+              for (i64 rw = 0; rw < nphw; ++rw)
+                ph[rw] = acc.data() + ((j * nphh + rh) * nphw + rw) * band * pv.S1 +
+                         (qh - qh0) * pv.S1;
+              store_row<T, ACT>(Y, Pre, bias, slope, Aw, rwr, ph.data(), band * pv.S1,
+                                row.data(), n, g * Cdst_g + cb0 + j, od, oh);
+            }
+          }
       }
+    }
   }
 }
 
@@ -405,8 +474,9 @@ void direct_impl(const at::Tensor& src, const at::Tensor& weight, const at::Tens
   with_act(act, [&](auto A) {
     const i64 blocks = N * groups * ceil_div(Cdst_g, kDirectBlock);
     at::parallel_for(0, blocks, 1, [&](i64 b0, i64 b1) {
-      direct_planes<T, decltype(A)::value>(X, W, Y, Pre, bptr, T(slope), P, swap, groups,
-                                           Csrc_g, Cdst_g, b0, b1);
+      direct_volumes<T, decltype(A)::value>(X, W, Y, Pre, bptr, T(slope), P, swap, groups,
+                                            Csrc_g, Cdst_g, b0, b1);
+      _mm_sfence();   // the non-temporal stores (if any) before the thread's work counts as done
     });
   });
 }

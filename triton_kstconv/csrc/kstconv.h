@@ -85,6 +85,8 @@ struct Tuning {
   i64 brg_rows = 32;                // implicit MK: pixels per brgemm tile
   i64 brg_cols = 64;                // implicit KM: pixels per brgemm tile
   i64 l2_bytes = i64(512) << 10;    // one core's L2 (plan.cpp reads the machine's at start)
+  i64 stream_bytes = i64(16) << 20; // direct: destinations of at least this size written with
+                                    // non-temporal stores (far larger than the caches)
 };
 Tuning& tuning();
 

@@ -1,6 +1,8 @@
 // Layout copies (see layout.h).
 #include "layout.h"
 
+#include <cstdint>
+
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
@@ -8,7 +10,7 @@ namespace kst {
 
 // 8 x 8 float transpose in AVX2 registers: dst[j][i] = src[i][j].
 __attribute__((target("avx2"))) void transpose8x8(const float* src, i64 lds, float* dst,
-                                                          i64 ldd) {
+                                                          i64 ldd, bool stream) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
   for (int i = 0; i < 8; i += 2) {
@@ -20,6 +22,13 @@ __attribute__((target("avx2"))) void transpose8x8(const float* src, i64 lds, flo
     r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
     r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  if (stream) {
+    for (int i = 0; i < 4; ++i) {
+      _mm256_stream_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      _mm256_stream_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+    return;
   }
   for (int i = 0; i < 4; ++i) {
     _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
@@ -45,15 +54,28 @@ __attribute__((target("avx2"))) i64 deinterleave2(const float* y, i64 q, float* 
 
 // y[2i] = a0[i], y[2i + 1] = a1[i] for i < q, 8 at a time in AVX2; returns how many were done
 __attribute__((target("avx2"))) i64 interleave2(const float* a0, const float* a1, i64 q,
-                                                float* y) {
+                                                float* y, bool stream) {
   i64 i = 0;
+  const bool nt = stream && reinterpret_cast<std::uintptr_t>(y) % 32 == 0;
   for (; i + 8 <= q; i += 8) {
     const __m256 e = _mm256_loadu_ps(a0 + i), o = _mm256_loadu_ps(a1 + i);
     const __m256 lo = _mm256_unpacklo_ps(e, o);  // e0 o0 e1 o1 | e4 o4 e5 o5
     const __m256 hi = _mm256_unpackhi_ps(e, o);  // e2 o2 e3 o3 | e6 o6 e7 o7
-    _mm256_storeu_ps(y + 2 * i, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(y + 2 * i + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    if (nt) {
+      _mm256_stream_ps(y + 2 * i, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_stream_ps(y + 2 * i + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    } else {
+      _mm256_storeu_ps(y + 2 * i, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(y + 2 * i + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
   }
+  return i;
+}
+
+i64 interleave8(const float* a, i64 lda, i64 q, float* y, bool stream) {
+  const bool nt = stream && reinterpret_cast<std::uintptr_t>(y) % 32 == 0;
+  i64 i = 0;
+  for (; i + 8 <= q; i += 8) transpose8x8(a + i, lda, y + 8 * i, 8, nt);
   return i;
 }
 
