@@ -81,11 +81,12 @@ CORE = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase", "
         "groups2", "1d_hifigan_k16s8p4", "3d_k3s2p1op1"]
 
 # Grouped layers for the C++ direct strategy (the C++ tests only): several channels a group
-# (blocks of 4 destination channels: 5 = 4 + 1, 6 = 4 + 2, 3), and depthwise geometries whose
+# (up to 16; blocks of 4 destination channels: 5 = 4 + 1, 6 = 4 + 2, 3), and depthwise geometries whose
 # phases read far into the zero padding, have no taps or no positions, in 1D, 2D and 3D.
 GROUPED_BLOCKS = [
     _c("groups2_c12_c10", 2, 2, 12, 10, 5, 4, 2, 1, 0, 1, 2),
     _c("groups4_c12_c12_k3s2", 2, 1, 12, 12, 4, 3, 2, 1, 1, 1, 4),
+    _c("groups2_c32_c24", 2, 1, 32, 24, 4, 4, 2, 1, 0, 1, 2),   # 16 / 12 channels a group
     _c("depthwise_k3s2_dil2_gcd_empty", 2, 2, 3, 3, 5, 3, 2, 1, 1, 2, 3),
     _c("depthwise_k1s3_no_tap_phases", 2, 1, 4, 4, 4, 1, 3, 0, 2, 1, 4),
     _c("depthwise_big_padding_anisotropic", 2, 1, 2, 4, (3, 7), (5, 3), (2, 3), (4, 1), (1, 2),

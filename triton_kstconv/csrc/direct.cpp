@@ -1,14 +1,16 @@
 // Direct strategy (method 7, grad_weight method 4) for grouped layers of few channels
-// (depthwise, channel multipliers): each destination element sums over a handful of source
-// channels, so there is no GEMM worth forming (a GEMM library sees matrices of width 1-4) and
-// the layer is bound by memory. Every destination plane is computed from its group's source
-// planes directly, one destination row at a time, vectorised along w:
-//   - per plane, each source row is copied once into a zero-padded row split into its `a`
-//     residues (a: the stride the source is read at; grad_input reads grad_out at stride s),
-//     so that every tap of every phase is a contiguous run over the phase's pixels;
-//   - per destination row and w-phase, all taps (source channel x d x h x w) are summed in one
-//     pass with the sums in registers (AVX2 FMA), the phases interleaved into the row, and the
-//     epilogue (bias, activation) run in place.
+// (depthwise, channel multipliers, groups of up to 8): each destination element sums over a
+// handful of source channels, so there is no GEMM worth forming (a GEMM library sees matrices of
+// width 1-8) and the layer is bound by memory. Destination volumes are computed from their
+// group's source volumes directly, vectorised along w:
+//   - per (image, group), each source volume is copied once into a zero-padded volume split
+//     into its residues per axis (the stride the source is read at; grad_input reads grad_out at
+//     stride s), so that every tap of every phase is one flat shift of a contiguous run;
+//   - per band of destination rows and phase, all taps (source channel x d x h x w) are summed
+//     in one pass with the sums in registers (AVX2 FMA), blocks of 4 destination channels
+//     sharing every source load; the epilogue (bias, activation) runs on the sums, then each
+//     destination row is interleaved from its w-phases and written once (non-temporal stores
+//     for destinations far larger than the caches).
 //   forward:     dst = output, src = input, every output channel of the group
 //   grad_input:  dst = grad_in, src = grad_out, a sum over the group's output channels
 //   grad_weight: dW[g, co, taps] = sum over images and phase pixels of grad_out x input (one

@@ -97,7 +97,7 @@ constexpr i64 kBrgChannels = 128;          // implicit KM: destination channels 
 constexpr i64 kWgradPixels = 256;          // grad_weight brgemm: pixels per reduction step
 constexpr double kFlopsPerPass = 24;       // order cost: multiply-adds worth one memory pass
 constexpr i64 kDirectBlock = 4;             // direct: destination channels computed together
-constexpr i64 kDirectMaxChannels = 8;      // direct (method 7): at most this many source channels a group
+constexpr i64 kDirectMaxChannels = 16;     // direct (method 7): at most this many source channels a group
 constexpr i64 kDirectWgradMaxChannels = 4; // direct grad_weight: one input, at most this many
                                            // output channels a group
 
