@@ -29,57 +29,6 @@ namespace kst {
 
 namespace {
 
-// parts[r * ld + i] = x[(a * i + r) * xst] for the L elements of a row: `a` contiguous rows.
-template <typename T>
-void split_row(const T* x, i64 xst, i64 L, i64 a, T* parts, i64 ld) {
-  i64 done = 0;
-  if constexpr (std::is_same<T, float>::value)
-    if (a == 2 && xst == 1 && have_avx2()) done = deinterleave2(x, L / 2, parts, parts + ld);
-  for (i64 r = 0; r < a; ++r)   // the rest (all of it but for a = 2): no division per element
-    for (i64 i = done; a * i + r < L; ++i) parts[r * ld + i] = x[(a * i + r) * xst];
-}
-
-// The contiguous view of a source row read at stride a: element a * q + off sits at
-// view(off)[q]. A row already contiguous with a = 1 is used in place.
-template <typename T>
-struct SourceRow {
-  const T* base = nullptr;
-  i64 a = 1, ld = 0;
-  void load(const T* x, i64 xst, i64 L, i64 stride, std::vector<T>& buf) {
-    a = stride;
-    if (a == 1 && xst == 1) { base = x; ld = 0; return; }
-    ld = (L + a - 1) / a;
-    buf.resize(a * ld);
-    split_row(x, xst, L, a, buf.data(), ld);
-    base = buf.data();
-  }
-  // the offset of view(off) from base, for rows of length L read at stride a (floor
-  // division: off may be negative, padding); a pass computes its taps' offsets once
-  static i64 offset(i64 off, i64 a, i64 ld) {
-    if (a == 1) return off;
-    const i64 r = ((off % a) + a) % a;
-    return r * ld + (off - r) / a;
-  }
-  const T* view(i64 off) const { return base + offset(off, a, ld); }
-  const T* at(i64 precomputed) const { return base + precomputed; }
-};
-
-// Per w-phase and w-tap, where the tap's source elements start in a SourceRow: the divisions
-// done once per pass, not once per row.
-struct TapOffsets {
-  std::vector<std::vector<i64>> off;
-  TapOffsets(const Axis& Aw, i64 a, i64 ld, bool src) {
-    for (const AxisPhase& p : Aw.ph) {
-      off.emplace_back();
-      for (i64 t = 0; t < i64(src ? p.soff.size() : 1); ++t)
-        off.back().push_back(SourceRow<float>::offset(src ? p.soff[t] : p.dst_off, a, ld));
-    }
-  }
-};
-
-// The ld a SourceRow will use for rows of length L at stride a (0: used in place).
-inline i64 row_ld(i64 L, i64 a, i64 xst) { return (a == 1 && xst == 1) ? 0 : (L + a - 1) / a; }
-
 bool have_fma() {
   static const bool ok = have_avx2() && __builtin_cpu_supports("fma");
   return ok;
@@ -246,18 +195,6 @@ struct PaddedVolume {
     }
   }
 };
-
-// sum over [q0, q1) of y[q] * x[q], eight fixed partial sums (vectorised, deterministic)
-template <typename T>
-inline T dot(const T* __restrict y, const T* __restrict x, i64 q0, i64 q1) {
-  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  i64 q = q0;
-  for (; q + 8 <= q1; q += 8)
-    for (int j = 0; j < 8; ++j) s[j] += y[q + j] * x[q + j];
-  T t = 0;
-  for (; q < q1; ++q) t += y[q] * x[q];
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + t;
-}
 
 // Per axis, destination index o -> (phase, q).
 struct RowMap {
@@ -483,8 +420,23 @@ void direct_impl(const at::Tensor& src, const at::Tensor& weight, const at::Tens
   });
 }
 
-// dW[g, co, taps] for C_in/g = 1: per (g, co), over images and every destination row; each
-// grad_out row is split into its w-phases once, every tap is then a contiguous dot product.
+// acc[0:8] += y[q] * x[q] lane by lane over the 8-aligned head of [0, n), tail += the rest in
+// order: partial sums that persist across calls (one reduction at the very end, fixed order).
+__attribute__((target("avx2,fma"))) void dot_acc8_avx2(const float* y, const float* x, i64 n,
+                                                       float* acc, float& tail) {
+  __m256 a = _mm256_loadu_ps(acc);
+  i64 q = 0;
+  for (; q + 8 <= n; q += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(y + q), _mm256_loadu_ps(x + q), a);
+  _mm256_storeu_ps(acc, a);
+  for (; q < n; ++q) tail += y[q] * x[q];
+}
+
+// dW[g, co, taps] for C_in/g = 1: per (g, co), over images and every destination row. Per image
+// the group's input volume is zero-padded (PaddedVolume: every tap of a phase row is a
+// contiguous run, no validity classes); each grad_out row is split into its w-phases once, and
+// every tap of the row's phase adds y_phase . x_tap into its own 8-lane partial sums, reduced
+// once at the end. Each (g, co) is owned by one thread and summed in a fixed order:
+// deterministic, whatever the number of threads.
 template <typename T>
 void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                              const Plan& P, i64 groups) {
@@ -492,43 +444,83 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
   View5<const T> X(x), DY(dy);
   View5<T> DW(dw);
   const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
-  const i64 KD = DW.size[2], KH = DW.size[3], KW = DW.size[4], KK = KD * KH * KW;
-  const TapOffsets xo(Aw, Aw.a, row_ld(Aw.L_src, Aw.a, X.st[4]), true);
-  const TapOffsets yo(Aw, Aw.s, row_ld(Aw.L_dst, Aw.s, DY.st[4]), false);
+  const i64 KH = DW.size[3], KW = DW.size[4];
+  const i64 nphw = i64(Aw.ph.size()), nphh = i64(Ah.ph.size());
+  const PaddedVolume pv(P);
+  constexpr bool f32 = std::is_same<T, float>::value;
+  const bool vec = f32 && have_fma();
+  // per phase: its taps' flat shifts and weight indices (kd, kh, kw flattened)
+  std::vector<std::vector<i64>> toff(P.P), tk(P.P);
+  std::vector<i64> tbase(P.P + 1, 0);
+  for (i64 p = 0; p < P.P; ++p) {
+    i64 c[3];
+    P.phase_coords(p, c);
+    const AxisPhase &pd = Ad.ph[c[0]], &ph = Ah.ph[c[1]], &pw = Aw.ph[c[2]];
+    for (i64 td = 0; td < pd.T(); ++td)
+      for (i64 th = 0; th < ph.T(); ++th)
+        for (i64 tw = 0; tw < pw.T(); ++tw) {
+          toff[p].push_back(pv.tap(c[0], c[1], c[2], td, th, tw));
+          tk[p].push_back((pd.widx[td] * KH + ph.widx[th]) * KW + pw.widx[tw]);
+        }
+    tbase[p + 1] = tbase[p] + i64(toff[p].size());
+  }
+  const i64 ntaps = tbase[P.P];
   at::parallel_for(0, groups * Cout_g, 1, [&](i64 b0, i64 b1) {
     const RowMap md(Ad), mh(Ah);
-    std::vector<T> dwl(KK), ybuf, xbuf;
-    // grad_out's w-phase rw of a row: element q at yrow.view(dst_off)[q] (stride Aw.s)
-    SourceRow<T> yrow, xrow;
+    std::vector<T> xs(pv.size, T(0)), yph(nphw * pv.ax[2].qmax + 8);
+    std::vector<T> acc8(ntaps * 8), tail(ntaps);
+    i64 loaded = -1;
     for (i64 gc = b0; gc < b1; ++gc) {
       const i64 g = gc / Cout_g, co = gc % Cout_g;
-      std::fill(dwl.begin(), dwl.end(), T(0));  // taps that meet no input stay zero
-      for (i64 n = 0; n < N; ++n)
+      std::fill(acc8.begin(), acc8.end(), T(0));
+      std::fill(tail.begin(), tail.end(), T(0));
+      for (i64 n = 0; n < N; ++n) {
+        if (loaded != n * groups + g) {
+          pv.fill(X, n, g, xs.data());
+          loaded = n * groups + g;
+        }
         for (i64 od = 0; od < Ad.L_dst; ++od)
           for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
             const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
             if (rd < 0 || rh < 0) continue;
-            i64 td0, td1, th0, th1;
-            class_taps(P.cls[0][rd], qd, td0, td1);
-            class_taps(P.cls[1][rh], qh, th0, th1);
-            if (td0 == td1 || th0 == th1) continue;
-            yrow.load(DY.at(n, g * Cout_g + co, od, oh, 0), DY.st[4], Aw.L_dst, Aw.s, ybuf);
-            const AxisPhase &pd = Ad.ph[rd], &ph = Ah.ph[rh];
-            for (i64 td = td0; td < td1; ++td)
-              for (i64 th = th0; th < th1; ++th) {
-                xrow.load(X.at(n, g, Ad.a * qd + pd.soff[td], Ah.a * qh + ph.soff[th], 0),
-                          X.st[4], Aw.L_src, Aw.a, xbuf);
-                T* dwrow = dwl.data() + (pd.widx[td] * KH + ph.widx[th]) * KW;
-                for (i64 rw = 0; rw < i64(Aw.ph.size()); ++rw) {
-                  const AxisPhase& pw = Aw.ph[rw];
-                  const T* yv = yrow.at(yo.off[rw][0]);
-                  for (const Cls& cw : P.cls[2][rw])
-                    for (i64 tw = cw.t0; tw < cw.t1; ++tw)
-                      dwrow[pw.widx[tw]] += dot(yv, xrow.at(xo.off[rw][tw]), cw.q0, cw.q1);
+            // the grad_out row's w-phases: phase rw's element q at yph[rw * qmax + q]
+            const T* yrow = DY.at(n, g * Cout_g + co, od, oh, 0);
+            const i64 ys = DY.st[4], qm = pv.ax[2].qmax;
+            i64 done = 0;
+            if constexpr (f32)
+              if (nphw == 2 && Aw.s == 2 && ys == 1 && Aw.ph[0].dst_off == 0 && have_avx2())
+                done = deinterleave2(yrow, Aw.ph[1].Q, yph.data(), yph.data() + qm);
+            for (i64 rw = 0; rw < nphw; ++rw) {
+              const AxisPhase& pw = Aw.ph[rw];
+              for (i64 q = done; q < pw.Q; ++q) yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
+            }
+            const T* xrow = xs.data() + qd * pv.S0 + qh * pv.S1;
+            for (i64 rw = 0; rw < nphw; ++rw) {
+              const i64 p = (rd * nphh + rh) * nphw + rw, Q = Aw.ph[rw].Q;
+              const T* yv = yph.data() + rw * qm;
+              for (i64 t = 0; t < i64(toff[p].size()); ++t) {
+                const i64 j = tbase[p] + t;
+                const T* xv = xrow + toff[p][t];
+                if constexpr (f32) {
+                  if (vec) {
+                    dot_acc8_avx2(yv, xv, Q, acc8.data() + 8 * j, tail[j]);
+                    continue;
+                  }
                 }
+                for (i64 q = 0; q < Q; ++q) acc8[8 * j + (q & 7)] += yv[q] * xv[q];
               }
+            }
           }
-      for (i64 k = 0; k < KK; ++k)
+      }
+      // every tap of the weight once (a tap that no phase uses stays zero)
+      std::vector<T> dwl(DW.size[2] * KH * KW, T(0));
+      for (i64 p = 0; p < P.P; ++p)
+        for (i64 t = 0; t < i64(toff[p].size()); ++t) {
+          const T* a = acc8.data() + 8 * (tbase[p] + t);
+          dwl[tk[p][t]] += (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) +
+                           tail[tbase[p] + t];
+        }
+      for (i64 k = 0; k < i64(dwl.size()); ++k)
         *DW.at(g, co, k / (KH * KW), (k / KW) % KH, k % KW) = dwl[k];
     }
   });
