@@ -152,6 +152,14 @@ struct PaddedAxis {
         for (i64 j = 2 * done; j < L; ++j) dst[(j % 2) * rst + h + j / 2] = x[j];
         return;
       }
+    if constexpr (std::is_same<T, float>::value)
+      if (a == 8 && xst == 1 && have_avx2()) {   // 8 x 8 transposes: residue j <- x[8 i + j]
+        const i64 h = left / 8;
+        i64 i = 0;
+        for (; 8 * (i + 8) <= L; i += 8) transpose8x8(x + 8 * i, 8, dst + h + i, rst);
+        for (i64 j = 8 * i; j < L; ++j) dst[(j % 8) * rst + h + j / 8] = x[j];
+        return;
+      }
     for (i64 rr = 0; rr < a; ++rr) {
       // padded positions a * i + rr with source position a * i + rr - left in [0, L)
       const i64 i = (left - rr + a - 1) / a;
