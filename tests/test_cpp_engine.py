@@ -363,6 +363,26 @@ def test_forward_rule_weight_panel_past_l2():
         assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
 
 
+def test_forward_rule_weight_packed_per_call():
+    """A weight-heavy layer (a big weight, a few pixels): with no graph its weight is packed once
+    (cached) for the patch matrix x BLAS; in a pass that records a graph (training: the weight
+    changes every step, so it would be packed on every call) GEMM first reads it as it is."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+    import triton_kstconv as K
+    x = torch.randn(1, 256, 4, 4)
+    w = torch.randn(256, 128, 4, 4)
+    ref = torch.nn.functional.conv_transpose2d(x.double(), w.double(), stride=2, padding=1)
+    with torch.no_grad():
+        out = K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
+    assert cpp_engine.last_method["fwd"] == 1
+    assert_close(out, ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
+    wr = w.clone().requires_grad_()
+    out = K.conv_transpose2d(x, wr, stride=2, padding=1, backend="cpp")
+    assert cpp_engine.last_method["fwd"] == 2
+    assert_close(out.detach(), ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
+
+
 @pytest.mark.parametrize("nd,size,k,s,p,act", [
     (2, (6, 16), 4, 2, 1, "relu"),      # two phases interleaved, rows of 32
     (2, (5, 12), 3, 2, 1, None),        # rows of 23: the aligned head, then the tail

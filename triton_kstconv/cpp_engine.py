@@ -176,7 +176,7 @@ def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reu
     cdt = dst.dtype
     # the chooser reads the weight's shape and dtype only: a stand-in without storage
     shape_only = torch.empty((), dtype=cdt).expand(_as5d(weight).shape)
-    m = mod.conv_method(src, shape_only, dst, plan, groups, swap, method)
+    m = mod.conv_method(src, shape_only, dst, plan, groups, swap, method, not reuse)
     last_method["dgrad" if swap else "fwd"] = m
     if not reuse:
         return m, weight.to(cdt), []

@@ -62,11 +62,11 @@ std::map<std::string, i64> get_tuning() {
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
-// error saying why.
+// error saying why; per_call: the weight will be prepared for this call only (chooser.h).
 i64 conv_method(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& dst,
-                const std::vector<i64>& plan, i64 groups, bool swap, i64 forced) {
+                const std::vector<i64>& plan, i64 groups, bool swap, i64 forced, bool per_call) {
   check_conv(src, weight, dst, groups);
-  return conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap, int(forced));
+  return conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap, int(forced), per_call);
 }
 
 // The weight prepared for `method` (a conv_method result): what conv() would otherwise make on
@@ -257,8 +257,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_tuning", &kst::get_tuning, "work-item sizes");
   m.def("conv_method", py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::vector<kst::i64>&, kst::i64, bool,
-                                         kst::i64>(&kst::conv_method),
-        "the method conv() runs for these arguments");
+                                         kst::i64, bool>(&kst::conv_method),
+        "the method conv() runs for these arguments", py::arg("src"), py::arg("weight"),
+        py::arg("dst"), py::arg("plan"), py::arg("groups"), py::arg("swap"), py::arg("forced"),
+        py::arg("per_call") = false);
   m.def("pack_weight", &kst::pack_weight, "the weight prepared for a conv method (cacheable)");
   m.def("conv", &kst::conv, "gather-GEMM-scatter over a phase plan (forward, grad_input)");
   m.def("grad_weight", &kst::grad_weight, "per-phase weight gradient; returns the method run");

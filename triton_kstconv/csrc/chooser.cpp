@@ -50,7 +50,7 @@ bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g) {
 
 // The rules (no forcing): see README "CPU engine" for the strategies.
 Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
-                       const at::Tensor& weight, i64 groups, bool swap) {
+                       const at::Tensor& weight, i64 groups, bool swap, bool per_call) {
   const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
   // depthwise, channel multipliers and groups of a few channels: no GEMM worth forming (each
   // destination element sums over at most kDirectMaxChannels source channels; blocks of 4
@@ -72,7 +72,13 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     if (Cdst_g <= 8) return kGemmFirst;
     // A few pixels: the phase patch matrix is tiny and brgemm multiplies it best (pix2pix
     // 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a 1x1 latent): GEMM first.
-    if (in_img <= 4) return P.P > 1 ? kPatchBrgemm : kGemmFirst;
+    // Packed for one call (training), a weight-heavy layer takes GEMM first, which reads the
+    // weight as it is: packing pix2pix 1024-512's 32 MiB weight cost more than the product
+    // (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, 4x4 13 -> 7.8, 8x8 15.6 -> 13.4;
+    // 1024-256 at 16x16 30 -> 20; U-Net 1024-512 11.4 -> 8.6).
+    const bool stream_weight = per_call && weight_heavy;
+    if (in_img <= 4) return P.P > 1 && !stream_weight ? kPatchBrgemm : kGemmFirst;
+    if (stream_weight) return kGemmFirst;
     // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole
     // weight panel for one (d, h) tap [taps_w x c_src, c_dst]: past one core's L2 that panel is
     // streamed again for every tile, and the patch matrix x BLAS (which packs the weight once per
@@ -125,8 +131,8 @@ const char* method_name(int m) {
 }  // namespace
 
 Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
-                   const at::Tensor& weight, i64 groups, bool swap, int forced) {
-  if (forced == kAutoMethod) return rule_conv_method(P, src, dst, weight, groups, swap);
+                   const at::Tensor& weight, i64 groups, bool swap, int forced, bool per_call) {
+  if (forced == kAutoMethod) return rule_conv_method(P, src, dst, weight, groups, swap, per_call);
   const bool f32 = src.scalar_type() == at::kFloat, brg = blas().brgemm != nullptr;
   TORCH_CHECK(forced >= kPatchBlas && forced <= kDirect, "kstconv: no method ", forced,
               " (1-7)");

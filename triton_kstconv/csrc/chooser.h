@@ -9,9 +9,12 @@
 namespace kst {
 
 // The forward (swap = false) or grad_input (swap = true) method that runs: `forced` (> 0) if it
-// can run, else an error; 0: the rules.
+// can run, else an error; 0: the rules. per_call: the weight is prepared for this call only (a
+// pass that records a graph: in training the weight changes every step), so a method that has
+// to pack it pays for that packing every time.
 Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
-                   const at::Tensor& weight, i64 groups, bool swap, int forced);
+                   const at::Tensor& weight, i64 groups, bool swap, int forced,
+                   bool per_call = false);
 
 // The grad_weight method that runs (`forced` as above).
 WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Tensor& dy,
