@@ -72,11 +72,12 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     if (Cdst_g <= 8) return kGemmFirst;
     // A few pixels: the phase patch matrix is tiny and brgemm multiplies it best (pix2pix
     // 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a 1x1 latent): GEMM first.
-    // Packed for one call (training), a weight-heavy layer takes GEMM first, which reads the
-    // weight as it is: packing pix2pix 1024-512's 32 MiB weight cost more than the product
-    // (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, 4x4 13 -> 7.8, 8x8 15.6 -> 13.4;
-    // 1024-256 at 16x16 30 -> 20; U-Net 1024-512 11.4 -> 8.6).
-    const bool stream_weight = per_call && weight_heavy;
+    // Packed for one call (training), a weight-heavy layer of a handful of pixels in all takes
+    // GEMM first, which reads the weight as it is: packing pix2pix 1024-512's 32 MiB weight cost
+    // more than the product (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, at 4x4
+    // 13 -> 7.8). With more pixels GEMM first's many short runs re-read the weight and lost
+    // (DCGAN 512-256 at 4x4, batch 16: 18-27 ms against 7-8 for the patch matrix).
+    const bool stream_weight = per_call && weight_heavy && src.size(0) * in_img <= 16;
     if (in_img <= 4) return P.P > 1 && !stream_weight ? kPatchBrgemm : kGemmFirst;
     if (stream_weight) return kGemmFirst;
     // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole

@@ -113,11 +113,9 @@ void conv_gemm_first_impl(const at::Tensor& src_in, const at::Tensor& weight_in,
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
   const i64 KK = kk[0] * kk[1] * kk[2], CK = Cout_g * KK;
   // MK (pixels x channels) when the input is channels-last, or so small that making it so is
-  // free; then the GEMM runs as brgemm tiles [pixels x Cin] x W[Cin, 64 columns] (float). From
-  // 8x8 pixels on, KM (one BLAS GEMM over the weight as it is) won: pix2pix 1024-512 at 8x8,
-  // 27 -> 17 ms.
+  // free; then the GEMM runs as brgemm tiles [pixels x Cin] x W[Cin, 64 columns] (float).
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
-  const bool mk = channels_last_like(src_in) || (in_img <= 16 && Cin_g >= 8);
+  const bool mk = channels_last_like(src_in) || (in_img <= 64 && Cin_g >= 8);
   const at::Tensor src = mk ? to_channels_last<T>(src_in) : src_in;
   View5<const T> X(src);
   View5<T> Y(dst), Pre(pre);
