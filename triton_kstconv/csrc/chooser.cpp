@@ -199,8 +199,12 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
   // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
   const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
+  // Its kJointSplits weight accumulators are summed at the end: with too little input for them
+  // (DCGAN 128-64 at 16x16, batch 16: 2 inputs per accumulator element) the separate passes
+  // won (19.3 vs 22.8 ms); from about one input element per accumulator element it tied or won.
+  const bool enough_rows = 2 * x.numel() >= kJointSplits * weight.numel();
   return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
-         tile <= (i64(128) << 10);
+         tile <= (i64(128) << 10) && enough_rows;
 }
 
 bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
