@@ -83,11 +83,12 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole
     // weight panel for one (d, h) tap [taps_w x c_src, c_dst]: past one core's L2 that panel is
     // streamed again for every tile, and the patch matrix x BLAS (which packs the weight once per
-    // block) won by 1.3-2.7x: DCGAN 512-256 at 4x4 (27 vs 36 ms), pix2pix 1024-512 at 8x8 (10
-    // vs 19; GEMM first 27), U-Net 1024-512 (9 vs 23), HiFi-GAN 512-256 k16s8 (16 vs 21). At or
-    // under L2 implicit MK won or tied (pix2pix 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256:
-    // 14.7 vs 17.8). Weight-heavy layers (batch-1 deep decoders) take the patch matrix too: it
-    // tied GEMM first at 4x4 and beat it 2.7x at 8x8 (perf/results, forward methods, AVX2 VM).
+    // block) won by 1.3-2.5x: DCGAN 512-256 at 4x4, batch 64 (27-30 vs 54 ms; patch x brgemm
+    // 36), pix2pix 1024-512 at 8x8 (10 vs 19; GEMM first 27), U-Net 1024-512 (9 vs 23),
+    // HiFi-GAN 512-256 k16s8 (16 vs 21). At or under L2 implicit MK won or tied (pix2pix
+    // 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256: 14.7 vs 17.8). Weight-heavy layers
+    // (batch-1 deep decoders) take the patch matrix too: it tied GEMM first at 4x4 and beat it
+    // 2.7x at 8x8 (forward methods side by side, AVX2 VM).
     if (weight_heavy || panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
     // Implicit KM (method 4, the source read in place) lost to MK on every layer of the suite
     // (U-Net k2s2 at 64x64: 10.5 vs 17.3 ms, 3D U-Net 64-32: 230 vs 469, HiFi-GAN 128-64 k4s2:
@@ -199,12 +200,8 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
   // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
   const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
-  // Its kJointSplits weight accumulators are summed at the end: with too little input for them
-  // (DCGAN 128-64 at 16x16, batch 16: 2 inputs per accumulator element) the separate passes
-  // won (19.3 vs 22.8 ms); from about one input element per accumulator element it tied or won.
-  const bool enough_rows = 2 * x.numel() >= kJointSplits * weight.numel();
   return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
-         tile <= (i64(128) << 10) && enough_rows;
+         tile <= (i64(128) << 10);
 }
 
 bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,

@@ -301,7 +301,7 @@ void direct_volumes(const View5<const T>& X, const View5<const T>& W, const View
   const PaddedVolume pv(P);
   const RowMap md(Ad), mh(Ah);
   const i64 KH = W.size[3], KW = W.size[4];
-  const i64 Lw = Aw.L_dst, nphd = i64(Ad.ph.size()), nphh = i64(Ah.ph.size());
+  const i64 Lw = Aw.L_dst, nphh = i64(Ah.ph.size());
   const i64 nphw = i64(Aw.ph.size()), nblk = ceil_div(Cdst_g, kDirectBlock);
   i64 dst_elems = 1;
   for (int d = 0; d < 5; ++d) dst_elems *= Y.size[d];
@@ -500,13 +500,15 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
                 done = deinterleave2(yrow, Aw.ph[1].Q, yph.data(), yph.data() + qm);
             for (i64 rw = 0; rw < nphw; ++rw) {
               const AxisPhase& pw = Aw.ph[rw];
-              for (i64 q = done; q < pw.Q; ++q) yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
+              for (i64 q = done; q < pw.Q; ++q)
+                yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
             }
             const T* xrow = xs.data() + qd * pv.S0 + qh * pv.S1;
             for (i64 rw = 0; rw < nphw; ++rw) {
               const i64 p = (rd * nphh + rh) * nphw + rw, Q = Aw.ph[rw].Q;
               const T* yv = yph.data() + rw * qm;
-              for (i64 t = 0; t < i64(toff[p].size()); ++t) {
+              // a phase with no positions reads nothing (its taps' shifts may point outside)
+              for (i64 t = 0; Q > 0 && t < i64(toff[p].size()); ++t) {
                 const i64 j = tbase[p] + t;
                 const T* xv = xrow + toff[p][t];
                 if constexpr (f32) {
