@@ -63,7 +63,7 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   // Weight-heavy (few pixels, a big weight, batch-1 decoders' deep layers): the forward's patch
   // matrix x BLAS, grad_input's weight streaming (the weight read once, in place).
-  const bool weight_heavy = weight.numel() > 2 * (src.numel() + dst.numel());
+  const bool heavy = weight_heavy(weight, src, dst);
   if (!swap) {
     if (!brg) {
       const OrderCost c = order_cost(P, src.size(0), Csrc_g, Cdst_g, groups, kk);
@@ -77,9 +77,9 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // more than the product (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, at 4x4
     // 13 -> 7.8). With more pixels GEMM first's many short runs re-read the weight and lost
     // (DCGAN 512-256 at 4x4, batch 16: 18-27 ms against 7-8 for the patch matrix).
-    const bool stream_weight = per_call && weight_heavy && src.size(0) * in_img <= 16;
-    if (in_img <= 4) return P.P > 1 && !stream_weight ? kPatchBrgemm : kGemmFirst;
-    if (stream_weight) return kGemmFirst;
+    const bool weight_as_is = per_call && heavy && src.size(0) * in_img <= 16;
+    if (in_img <= 4) return P.P > 1 && !weight_as_is ? kPatchBrgemm : kGemmFirst;
+    if (weight_as_is) return kGemmFirst;
     // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole
     // weight panel for one (d, h) tap [taps_w x c_src, c_dst]: past one core's L2 that panel is
     // streamed again for every tile, and the patch matrix x BLAS (which packs the weight once per
@@ -89,14 +89,14 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256: 14.7 vs 17.8). Weight-heavy layers
     // (batch-1 deep decoders) take the patch matrix too: it tied GEMM first at 4x4 and beat it
     // 2.7x at 8x8 (forward methods side by side, AVX2 VM).
-    if (weight_heavy || panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
+    if (heavy || panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
     // Implicit KM (method 4, the source read in place) lost to MK on every layer of the suite
     // (U-Net k2s2 at 64x64: 10.5 vs 17.3 ms, 3D U-Net 64-32: 230 vs 469, HiFi-GAN 128-64 k4s2:
     // 19.8 vs 39); it stays for forcing (KSTCONV_METHOD=4).
     return kImplicitMK;
   }
   const i64 dx_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
-  if (weight_heavy || dx_img <= 4) return kStreamWeight;
+  if (heavy || dx_img <= 4) return kStreamWeight;
   if (!brg) return kPatchBlas;
   // grad_input: src = grad_out (channels Csrc_g = C_out/g), one phase over the input positions
   const i64 out_img = P.ax[0].L_dst * P.ax[1].L_dst * P.ax[2].L_dst;
@@ -171,7 +171,7 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   const i64 kk[3] = {dw.size(2), dw.size(3), dw.size(4)};
   const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
   const OrderCost c = order_cost(P, x.size(0), Cin_g, Cout_g, groups, kk);
-  const bool weight_heavy = dw.numel() > 2 * (x.numel() + dy.numel());
+  const bool heavy = weight_heavy(dw, x, dy);
   bool k_eq_s = true;
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
@@ -180,7 +180,7 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   // grouped layers of 8-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
   // matrix (8 channels a group: 16.5 vs 28.5 ms; 16: 12.6 vs 24.9; 32: tied)
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;
-  if (weight_heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
+  if (heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
   // 1-D layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2;
   // 512-256 and the k4s2 layers within noise)
   if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !one_d) return kWgradBrgemm;

@@ -1,7 +1,7 @@
 // Direct strategy (method 7, grad_weight method 4) for grouped layers of few channels
-// (depthwise, channel multipliers, groups of up to 8): each destination element sums over a
+// (depthwise, channel multipliers, groups of up to 16): each destination element sums over a
 // handful of source channels, so there is no GEMM worth forming (a GEMM library sees matrices of
-// width 1-8) and the layer is bound by memory. Destination volumes are computed from their
+// width 1-16) and the layer is bound by memory. Destination volumes are computed from their
 // group's source volumes directly, vectorised along w:
 //   - per (image, group), each source volume is copied once into a zero-padded volume split
 //     into its residues per axis (the stride the source is read at; grad_input reads grad_out at
@@ -107,6 +107,33 @@ inline void taps_block(T* const* out, const T* w, i64 ldw, const T* const* x, i6
   for (i64 j = 0; j < cb; ++j) taps(out[j], w + j * ldw, x, nt, n);
 }
 
+// The `a` residues of a row of L elements (stride xst): dst[r * rst + i] = x[a * i + r] (AVX2
+// de-interleaving for a = 2, 8 x 8 transposes for a = 8).
+template <typename T>
+void split_residues(const T* x, i64 xst, i64 L, i64 a, T* dst, i64 rst) {
+  if (a == 1) {
+    if (xst == 1) std::copy(x, x + L, dst);
+    else for (i64 j = 0; j < L; ++j) dst[j] = x[j * xst];
+    return;
+  }
+  i64 done = 0;   // elements of x split by the vector paths
+  if constexpr (std::is_same<T, float>::value)
+    if (xst == 1 && have_avx2()) {
+      if (a == 2) done = 2 * deinterleave2(x, L / 2, dst, dst + rst);
+      if (a == 8)
+        for (; done + 64 <= L; done += 64) transpose8x8(x + done, 8, dst + done / 8, rst);
+    }
+  for (i64 r = 0; r < a; ++r)   // the rest (done is a multiple of a): no division per element
+    for (i64 i = done / a; a * i + r < L; ++i) dst[r * rst + i] = x[(a * i + r) * xst];
+}
+
+// Whether a destination axis's phases are its residues in order (phase r at positions s q + r).
+inline bool phases_in_order(const Axis& A) {
+  bool in_order = i64(A.ph.size()) == A.s;
+  for (i64 r = 0; in_order && r < A.s; ++r) in_order = A.ph[r].dst_off == r;
+  return in_order;
+}
+
 // One axis of a padded source volume: zero-padded so that every tap of every phase reads inside
 // it, and split into its `a` residues (a: the stride the source is read at): residue r, element
 // i is padded position a * i + r, i.e. source position a * i + r - left.
@@ -137,35 +164,11 @@ struct PaddedAxis {
   }
   // the row pitch: room for a residue's elements and for a phase's destination positions
   i64 pitch() const { return std::max(ld, qmax); }
-  // source row x (L elements, stride xst) into its residues: residue r at dst + r * rst (the
-  // padding is not written: the caller's buffer holds zeros there)
+  // source row x (L elements, stride xst) into its residues (the padding is not written: the
+  // caller's buffer holds zeros there)
   template <typename T>
   void split(const T* x, i64 xst, i64 L, T* dst, i64 rst) const {
-    if (a == 1) {
-      if (xst == 1) std::copy(x, x + L, dst + left);
-      else for (i64 j = 0; j < L; ++j) dst[left + j] = x[j * xst];
-      return;
-    }
-    if constexpr (std::is_same<T, float>::value)
-      if (a == 2 && xst == 1 && have_avx2()) {   // left is even: residues stay in place
-        const i64 h = left / 2, done = deinterleave2(x, L / 2, dst + h, dst + rst + h);
-        for (i64 j = 2 * done; j < L; ++j) dst[(j % 2) * rst + h + j / 2] = x[j];
-        return;
-      }
-    if constexpr (std::is_same<T, float>::value)
-      if (a == 8 && xst == 1 && have_avx2()) {   // 8 x 8 transposes: residue j <- x[8 i + j]
-        const i64 h = left / 8;
-        i64 i = 0;
-        for (; 8 * (i + 8) <= L; i += 8) transpose8x8(x + 8 * i, 8, dst + h + i, rst);
-        for (i64 j = 8 * i; j < L; ++j) dst[(j % 8) * rst + h + j / 8] = x[j];
-        return;
-      }
-    for (i64 rr = 0; rr < a; ++rr) {
-      // padded positions a * i + rr with source position a * i + rr - left in [0, L)
-      const i64 i = (left - rr + a - 1) / a;
-      T* d = dst + rr * rst;
-      for (i64 ii = i, j = a * i + rr - left; j < L; ++ii, j += a) d[ii] = x[j * xst];
-    }
+    split_residues(x, xst, L, a, dst + left / a, rst);
   }
 };
 
@@ -225,10 +228,9 @@ struct RowWrite {
   bool stream = false;  // non-temporal stores (a destination far larger than the caches)
   RowWrite(const Axis& Aw, bool f32, i64 dst_bytes, i64 dst_w_stride) {
     const i64 nph = i64(Aw.ph.size());
-    bool in_order = true;
-    for (i64 r = 0; r < nph; ++r) in_order = in_order && Aw.ph[r].dst_off == r;
-    pair = f32 && Aw.s == 2 && nph == 2 && in_order && have_avx2();
-    eight = f32 && Aw.s == 8 && nph == 8 && in_order && have_avx2();
+    const bool in_order = phases_in_order(Aw);
+    pair = f32 && Aw.s == 2 && in_order && have_avx2();
+    eight = f32 && Aw.s == 8 && in_order && have_avx2();
     plain = nph == 1 && Aw.s == 1 && Aw.ph[0].dst_off == 0;
     stream = f32 && dst_w_stride == 1 && dst_bytes >= tuning().stream_bytes && have_avx2();
   }
@@ -239,7 +241,7 @@ struct RowWrite {
 // `ph` null: a row no phase reaches (bias only).
 template <typename T, int ACT>
 void store_row(const View5<T>& Y, const View5<T>& Pre, const T* bias, T slope, const Axis& Aw,
-               const RowWrite& rw_, T* const* ph, i64 ldp, T* row, i64 n, i64 c, i64 od,
+               const RowWrite& wr, T* const* ph, i64 ldp, T* row, i64 n, i64 c, i64 od,
                i64 oh) {
   const i64 Lw = Aw.L_dst, nph = i64(Aw.ph.size());
   const T bv = bias ? bias[c] : T(0);
@@ -254,13 +256,13 @@ void store_row(const View5<T>& Y, const View5<T>& Pre, const T* bias, T slope, c
   if (!ph) {
     std::fill(out, out + Lw, T(0));
     done = Lw;
-  } else if (rw_.plain) {
+  } else if (wr.plain) {
     std::copy(ph[0], ph[0] + Lw, out);
     done = Lw;
   } else if constexpr (std::is_same<T, float>::value) {
-    const bool nt = rw_.stream && out == y;
-    if (rw_.pair) done = 2 * interleave2(ph[0], ph[1], Aw.ph[1].Q, out, nt);
-    else if (rw_.eight) done = 8 * interleave8(ph[0], ldp, Aw.ph[7].Q, out, nt);
+    const bool nt = wr.stream && out == y;
+    if (wr.pair) done = 2 * interleave2(ph[0], ph[1], Aw.ph[1].Q, out, nt);
+    else if (wr.eight) done = 8 * interleave8(ph[0], ldp, Aw.ph[7].Q, out, nt);
   }
   // the rest: position o = s * q + r (phases in order when pair / eight did the head)
   for (i64 rw = 0; rw < nph && done < Lw; ++rw) {
@@ -473,9 +475,13 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
     tbase[p + 1] = tbase[p] + i64(toff[p].size());
   }
   const i64 ntaps = tbase[P.P];
+  // grad_out rows split into their w-phases: phase rw's element q at yph[rw * qm + q] (a
+  // residue split where the phases are the residues in order)
+  const bool in_order = phases_in_order(Aw);
+  const i64 qm = std::max(pv.ax[2].qmax, ceil_div(Aw.L_dst, Aw.s));
   at::parallel_for(0, groups * Cout_g, 1, [&](i64 b0, i64 b1) {
     const RowMap md(Ad), mh(Ah);
-    std::vector<T> xs(pv.size, T(0)), yph(nphw * pv.ax[2].qmax + 8);
+    std::vector<T> xs(pv.size, T(0)), yph(nphw * qm);
     std::vector<T> acc8(ntaps * 8), tail(ntaps);
     i64 loaded = -1;
     for (i64 gc = b0; gc < b1; ++gc) {
@@ -491,17 +497,16 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
           for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
             const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
             if (rd < 0 || rh < 0) continue;
-            // the grad_out row's w-phases: phase rw's element q at yph[rw * qmax + q]
             const T* yrow = DY.at(n, g * Cout_g + co, od, oh, 0);
-            const i64 ys = DY.st[4], qm = pv.ax[2].qmax;
-            i64 done = 0;
-            if constexpr (f32)
-              if (nphw == 2 && Aw.s == 2 && ys == 1 && Aw.ph[0].dst_off == 0 && have_avx2())
-                done = deinterleave2(yrow, Aw.ph[1].Q, yph.data(), yph.data() + qm);
-            for (i64 rw = 0; rw < nphw; ++rw) {
-              const AxisPhase& pw = Aw.ph[rw];
-              for (i64 q = done; q < pw.Q; ++q)
-                yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
+            const i64 ys = DY.st[4];
+            if (in_order) {
+              split_residues(yrow, ys, Aw.L_dst, Aw.s, yph.data(), qm);
+            } else {
+              for (i64 rw = 0; rw < nphw; ++rw) {
+                const AxisPhase& pw = Aw.ph[rw];
+                for (i64 q = 0; q < pw.Q; ++q)
+                  yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
+              }
             }
             const T* xrow = xs.data() + qd * pv.S0 + qh * pv.S1;
             for (i64 rw = 0; rw < nphw; ++rw) {

@@ -37,9 +37,8 @@ void conv_impl(const at::Tensor& src_in, const at::Tensor& weight, const at::Ten
     // MKL's packed operands pay off when a phase's weight is multiplied by many row blocks; a
     // weight-heavy layer packed for one call (training: the weight changes every step) has a
     // block or two per phase, and the second pass over the weight cost more than it saved
-    // (pix2pix 1024-512 at 4x4, batch 1: a forward that packs 17 ms -> see commit notes)
-    const bool weight_heavy = weight.numel() > 2 * (src_in.numel() + dst.numel());
-    if (!brg && !weight_heavy)
+    // (pix2pix 1024-512 at 4x4, batch 1, a forward that packs: 17 -> 13 ms)
+    if (!brg && !weight_heavy(weight, src_in, dst))
       prep.mkl = mkl_pack_weights<T>(prep.packed.data_ptr<T>(), pi, groups, P.P, mk);
   }
   const T* packed = prep.packed.data_ptr<T>();

@@ -122,6 +122,12 @@ struct View5 {
 
 inline bool channels_last_like(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
 
+// A weight larger than twice the two activations together (few pixels, a big weight: batch-1
+// decoders' deep layers): the strategies that read the weight once, in place, pay off.
+inline bool weight_heavy(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b) {
+  return w.numel() > 2 * (a.numel() + b.numel());
+}
+
 // -------------------------------------------------------------------------------- epilogue
 enum Act { NONE = 0, RELU, LEAKY, SILU, GELU, GELU_TANH, TANH, SIGMOID };
 
