@@ -3,7 +3,7 @@ a wrong one), including work split into many small items, ASan-friendly sizes.""
 import pytest
 import torch
 
-from triton_kstconv import cpp_engine
+from triton_kstconv import cpp_engine, epilogue
 from triton_kstconv.epilogue import parse_activation
 from triton_kstconv.ops import geometry_of
 from cases import BY_NAME, GROUPED_BLOCKS
@@ -67,6 +67,46 @@ def test_forward_methods(name, method, dtype, items):
     k = reduction_length(c.c_in, c.groups, c.kernel, c.stride)
     assert_close(pre, ref_pre, dtype, k)
     assert_close(out, torch.nn.functional.silu(ref_pre), dtype, k)
+
+
+EPILOGUE_ACTS = ["relu", ("leaky_relu", 0.2), "tanh", "sigmoid", "gelu", "gelu_tanh", "silu"]
+
+
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=str)
+@pytest.mark.parametrize("keep_pre", [False, True], ids=["no_pre", "pre"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_epilogue_activations(method, act, keep_pre, channels_last):
+    """Every activation through every forward method, with and without the pre-activation
+    (transcendental ones run after the sums, in place or from `pre`; the cheap ones in the
+    epilogue), either memory layout; a NaN bias makes its channel NaN, as in PyTorch (a
+    branchy max(0, v) once turned NaN into 0)."""
+    c = BY_NAME["depthwise" if method == 7 else "dcgan_k4s2p1"]
+    x, w, b = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, tuple(s + 3 for s in c.size),
+                        c.kernel, c.stride, c.padding, c.output_padding, c.dilation, True,
+                        torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    b[1] = float("nan")
+    geom = geometry_of(x.shape[2:], c.kernel, c.stride, c.padding, c.output_padding, c.groups,
+                       c.dilation)
+    a = parse_activation(act)
+    out_pre = _forced("fwd", method,
+                      lambda: cpp_engine.forward(x, w, b, geom, a, keep_pre, method=method),
+                      refused=method == 4 and channels_last)   # KM reads the source in place
+    if out_pre is None:
+        return   # the refusal was the check
+    out, pre = out_pre
+    ref_pre = reference(x, w, b, c.nd, **c.conv)
+    ref = epilogue.apply(ref_pre, a)
+    assert out.isnan()[:, 1].all() and not out.isnan()[:, 0].any()
+    keep = [i for i in range(out.shape[1]) if i != 1]
+    k = reduction_length(c.c_in, c.groups, c.kernel, c.stride)
+    assert_close(out[:, keep], ref[:, keep], torch.float32, k)
+    if keep_pre:
+        assert_close(pre[:, keep], ref_pre[:, keep], torch.float32, k)
+    else:
+        assert pre is None
 
 
 @pytest.mark.parametrize("name", NAMES)

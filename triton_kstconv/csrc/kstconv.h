@@ -36,6 +36,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -131,10 +132,28 @@ inline bool weight_heavy(const at::Tensor& w, const at::Tensor& a, const at::Ten
 // -------------------------------------------------------------------------------- epilogue
 enum Act { NONE = 0, RELU, LEAKY, SILU, GELU, GELU_TANH, TANH, SIGMOID };
 
+// max(0, v) and min(0, v) without a branch (a compare and jump mispredicts on half of random
+// data: 3 ns an element, DCGAN's first layer 0.57 -> 0.91 ms with ReLU); NaN stays NaN, as in
+// torch.relu (maxss / minss return their second operand when either is NaN).
+template <typename T>
+inline T relu_part(T v) {
+  if constexpr (std::is_same<T, float>::value)
+    return _mm_cvtss_f32(_mm_max_ss(_mm_setzero_ps(), _mm_set_ss(v)));
+  else
+    return _mm_cvtsd_f64(_mm_max_sd(_mm_setzero_pd(), _mm_set_sd(v)));
+}
+template <typename T>
+inline T negative_part(T v) {
+  if constexpr (std::is_same<T, float>::value)
+    return _mm_cvtss_f32(_mm_min_ss(_mm_setzero_ps(), _mm_set_ss(v)));
+  else
+    return _mm_cvtsd_f64(_mm_min_sd(_mm_setzero_pd(), _mm_set_sd(v)));
+}
+
 template <typename T, int ACT>
 inline T act_fn(T v, T slope) {
-  if constexpr (ACT == RELU) return v > T(0) ? v : T(0);
-  else if constexpr (ACT == LEAKY) return v > T(0) ? v : v * slope;
+  if constexpr (ACT == RELU) return relu_part(v);
+  else if constexpr (ACT == LEAKY) return relu_part(v) + slope * negative_part(v);
   else if constexpr (ACT == SILU) return v / (T(1) + std::exp(-v));
   else if constexpr (ACT == GELU) return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
   else if constexpr (ACT == GELU_TANH) {
@@ -145,18 +164,22 @@ inline T act_fn(T v, T slope) {
   else return v;
 }
 
-// The one dispatch from a runtime activation code to a compile-time one:
+// Activations made of exp / erf / tanh: run by ATen's vectorised kernels after the sums (see
+// bindings.cpp conv), never element by element in an epilogue.
+inline bool transcendental(int act) {
+  return act == SILU || act == GELU || act == GELU_TANH || act == TANH || act == SIGMOID;
+}
+
+// The one dispatch from a runtime activation code to a compile-time one (the epilogues' cheap
+// activations; transcendental ones never reach an epilogue):
 // with_act(act, [&](auto A) { f<decltype(A)::value>(...); }).
 template <typename F>
 inline decltype(auto) with_act(int act, F&& f) {
+  TORCH_CHECK(act == NONE || act == RELU || act == LEAKY, "kstconv: activation ", act,
+              " has no epilogue (run it after the sums, see bindings.cpp conv)");
   switch (act) {
     case RELU: return f(std::integral_constant<int, RELU>{});
     case LEAKY: return f(std::integral_constant<int, LEAKY>{});
-    case SILU: return f(std::integral_constant<int, SILU>{});
-    case GELU: return f(std::integral_constant<int, GELU>{});
-    case GELU_TANH: return f(std::integral_constant<int, GELU_TANH>{});
-    case TANH: return f(std::integral_constant<int, TANH>{});
-    case SIGMOID: return f(std::integral_constant<int, SIGMOID>{});
     default: return f(std::integral_constant<int, NONE>{});
   }
 }
