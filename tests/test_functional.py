@@ -163,3 +163,20 @@ def test_zero_insertion_reference_matches_pytorch():
                             case.dilation, case.bias, torch.float64)
         assert_close(K.conv_transpose_zero_insertion(x, w, b, **case.conv),
                      reference(x, w, b, case.nd, **case.conv), torch.float64, 100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.2), "tanh"], ids=str)
+def test_nan_propagates_through_activation(backend, activation):
+    """A NaN reaching the epilogue stays NaN, as in PyTorch (a max(v, 0) that drops NaN would
+    hide a diverging model); the other channels are untouched."""
+    torch.manual_seed(0)
+    dev = device_for(backend)
+    x = torch.randn(2, 4, 5, 6, device=dev)
+    w = torch.randn(4, 3, 4, 4, device=dev)
+    b = torch.randn(3, device=dev)
+    b[1] = float("nan")
+    out = K.conv_transpose2d(x, w, b, stride=2, padding=1, activation=activation,
+                             backend=backend)
+    assert out[:, 1].isnan().all()
+    assert not out[:, [0, 2]].isnan().any()

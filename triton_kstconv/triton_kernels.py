@@ -46,7 +46,7 @@ def _tanh(v):
 @triton.jit
 def _activation(v, slope, ACT: tl.constexpr):
     if ACT == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0, 0.0, v)   # NaN stays NaN, as torch.relu (tl.maximum drops it)
     elif ACT == 2:
         v = tl.where(v > 0, v, v * slope)
     elif ACT == 3:
