@@ -98,8 +98,9 @@ def _block(c_in=4, c_out=6, act=None, groups=1):
 
 
 @pytest.mark.parametrize("act,groups", [(nn.ReLU(), 1), (nn.LeakyReLU(0.2), 1), (nn.SiLU(), 2),
-                                        (nn.GELU(), 1), (None, 2)],
-                         ids=["relu", "leaky", "silu_groups2", "gelu", "bn_only_groups2"])
+                                        (nn.GELU(), 1), (nn.ReLU6(True), 2), (None, 2)],
+                         ids=["relu", "leaky", "silu_groups2", "gelu", "relu6_groups2",
+                              "bn_only_groups2"])
 def test_fuse_is_exact_in_eval_and_in_training(act, groups):
     torch.manual_seed(0)
     stock = _block(act=act, groups=groups).double()

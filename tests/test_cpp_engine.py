@@ -69,7 +69,8 @@ def test_forward_methods(name, method, dtype, items):
     assert_close(out, torch.nn.functional.silu(ref_pre), dtype, k)
 
 
-EPILOGUE_ACTS = ["relu", ("leaky_relu", 0.2), "tanh", "sigmoid", "gelu", "gelu_tanh", "silu"]
+EPILOGUE_ACTS = ["relu", "relu6", ("leaky_relu", 0.2), "tanh", "sigmoid", "gelu", "gelu_tanh",
+                 "silu"]
 
 
 @pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 7])
@@ -88,6 +89,7 @@ def test_epilogue_activations(method, act, keep_pre, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     b[1] = float("nan")
+    x = x * 8   # sums past 6 for relu6
     geom = geometry_of(x.shape[2:], c.kernel, c.stride, c.padding, c.output_padding, c.groups,
                        c.dilation)
     a = parse_activation(act)
@@ -99,6 +101,8 @@ def test_epilogue_activations(method, act, keep_pre, channels_last):
     out, pre = out_pre
     ref_pre = reference(x, w, b, c.nd, **c.conv)
     ref = epilogue.apply(ref_pre, a)
+    if act == "relu6":   # both clips reached
+        assert (ref[:, 0] == 6).any() and (ref[:, 0] == 0).any()
     assert out.isnan()[:, 1].all() and not out.isnan()[:, 0].any()
     keep = [i for i in range(out.shape[1]) if i != 1]
     k = reduction_length(c.c_in, c.groups, c.kernel, c.stride)

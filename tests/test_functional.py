@@ -60,8 +60,8 @@ def test_half_precision(name, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.2), ("leaky_relu", -0.5),
-                                        "silu", "gelu", "gelu_tanh", "tanh", "sigmoid"],
+@pytest.mark.parametrize("activation", ["relu", "relu6", ("leaky_relu", 0.2),
+                                        ("leaky_relu", -0.5), "silu", "gelu", "gelu_tanh", "tanh", "sigmoid"],
                          ids=str)
 def test_activations(backend, activation):
     _run(BY_NAME["autoenc_k3s2p1op1"], backend, torch.float64 if backend != "triton"
@@ -166,7 +166,8 @@ def test_zero_insertion_reference_matches_pytorch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.2), "tanh"], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "relu6", ("leaky_relu", 0.2), "tanh"],
+                         ids=str)
 def test_nan_propagates_through_activation(backend, activation):
     """A NaN reaching the epilogue stays NaN, as in PyTorch (a max(v, 0) that drops NaN would
     hide a diverging model); the other channels are untouched."""

@@ -17,7 +17,7 @@ from .geometry import ConvArgumentError
 # Codes shared with the C++ and Triton epilogues. Keep in sync with csrc/kstconv.h (Act) and
 # triton_kernels.py (ACT_*).
 CODES = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
-         "tanh": 6, "sigmoid": 7}
+         "tanh": 6, "sigmoid": 7, "relu6": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,8 @@ def apply(t: torch.Tensor, act: Activation) -> torch.Tensor:
         return F.gelu(t, approximate="tanh")
     if n == "tanh":
         return torch.tanh(t)
+    if n == "relu6":
+        return F.relu6(t)
     return torch.sigmoid(t)
 
 
@@ -99,6 +101,8 @@ def backward(grad: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None,
         return aten.tanh_backward(grad, out)
     if n == "sigmoid":
         return aten.sigmoid_backward(grad, out)
+    if n == "relu6":   # 0 < out < 6 exactly where 0 < pre < 6
+        return aten.hardtanh_backward(grad, out, 0.0, 6.0)
     if n == "silu":
         return aten.silu_backward(grad, pre)
     return aten.gelu_backward(grad, pre, approximate="tanh" if n == "gelu_tanh" else "none")

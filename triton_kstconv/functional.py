@@ -114,8 +114,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                      backend: str | None = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.conv_transpose2d``.
 
-    ``activation``: ``None``, ``"relu"``, ``("leaky_relu", slope)``, ``"silu"``, ``"gelu"``,
-    ``"gelu_tanh"``, ``"tanh"`` or ``"sigmoid"``, applied in the kernels' epilogue.
+    ``activation``: ``None``, ``"relu"``, ``"relu6"``, ``("leaky_relu", slope)``, ``"silu"``,
+    ``"gelu"``, ``"gelu_tanh"``, ``"tanh"`` or ``"sigmoid"``, applied in the kernels' epilogue.
     ``backend``: ``"cpp"``, ``"triton"``, ``"torch"`` or ``None`` (by device; env
     ``KSTCONV_BACKEND`` overrides the default).
     """

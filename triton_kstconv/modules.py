@@ -144,8 +144,8 @@ class ConversionReport:
 
 
 # ---------------------------------------------------------------------------------- fusion
-_ACTIVATIONS = {nn.ReLU: lambda m: "relu", nn.SiLU: lambda m: "silu",
-                nn.Tanh: lambda m: "tanh", nn.Sigmoid: lambda m: "sigmoid",
+_ACTIVATIONS = {nn.ReLU: lambda m: "relu", nn.ReLU6: lambda m: "relu6",
+                nn.SiLU: lambda m: "silu", nn.Tanh: lambda m: "tanh", nn.Sigmoid: lambda m: "sigmoid",
                 nn.LeakyReLU: lambda m: ("leaky_relu", m.negative_slope),
                 nn.GELU: lambda m: "gelu_tanh" if m.approximate == "tanh" else "gelu"}
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

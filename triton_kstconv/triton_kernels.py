@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 # Activation codes: keep in sync with epilogue.CODES.
-ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_TANH, ACT_SIGMOID = range(8)
+(ACT_NONE, ACT_RELU, ACT_LEAKY, ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_TANH, ACT_SIGMOID,
+ ACT_RELU6) = range(9)
 # Qd Qh Qw Td Th Tw OFFd OFFh OFFw Rd Rh Rw WOFF J0d J0h J0w TV0d TV0h TV0w TV1d TV1h TV1w
 PHASE_FIELDS = tl.constexpr(22)
 
@@ -59,6 +60,8 @@ def _activation(v, slope, ACT: tl.constexpr):
         v = _tanh(v)
     elif ACT == 7:
         v = 1.0 / (1.0 + tl.exp(-v))
+    elif ACT == 8:
+        v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))   # NaN stays NaN
     return v
 
 
