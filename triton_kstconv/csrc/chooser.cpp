@@ -160,8 +160,9 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   if (forced != kAutoWgrad) {
     TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradDirect, "kstconv: no grad_weight "
                 "method ", forced, " (1-4)");
-    TORCH_CHECK(forced != kWgradDirect || x.size(1) == groups, "kstconv: grad_weight method 4 "
-                "(direct) cannot run here: it needs one input channel per group");
+    TORCH_CHECK(forced != kWgradDirect || x.size(1) <= kDirectMaxChannels * groups,
+                "kstconv: grad_weight method 4 (direct) cannot run here: it needs at most ",
+                kDirectMaxChannels, " input channels per group");
     TORCH_CHECK(forced != kWgradBrgemm || brg, "kstconv: grad_weight method 3 (brgemm) cannot "
                 "run here: it needs float32 and ATen's brgemm");
     return WgradMethod(forced);
@@ -177,8 +178,12 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
   if (Cin_g == 1 && Cout_g <= kDirectWgradMaxChannels) return kWgradDirect;
-  // grouped layers of 8-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
-  // matrix (8 channels a group: 16.5 vs 28.5 ms; 16: 12.6 vs 24.9; 32: tied)
+  // grouped layers of up to 8 input channels a group: the direct dot products (g32 256-256@32,
+  // 8 a group: 10.6 vs brgemm 16.3 ms; 4 a group: 6.4-9 vs 18-21)
+  if (groups > 1 && Cin_g <= kDirectWgradGroupChannels && Cout_g <= kDirectMaxChannels)
+    return kWgradDirect;
+  // grouped layers of 16-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
+  // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;
   if (heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
   // 1-D layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2;

@@ -430,27 +430,98 @@ void direct_impl(const at::Tensor& src, const at::Tensor& weight, const at::Tens
   });
 }
 
-// acc[0:8] += y[q] * x[q] lane by lane over the 8-aligned head of [0, n), tail += the rest in
-// order: partial sums that persist across calls (one reduction at the very end, fixed order).
-__attribute__((target("avx2,fma"))) void dot_acc8_avx2(const float* y, const float* x, i64 n,
-                                                       float* acc, float& tail) {
-  __m256 a = _mm256_loadu_ps(acc);
-  i64 q = 0;
-  for (; q + 8 <= n; q += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(y + q), _mm256_loadu_ps(x + q), a);
-  _mm256_storeu_ps(acc, a);
-  for (; q < n; ++q) tail += y[q] * x[q];
+// For i < M, over rows r < rows (y and every x[i] `pitch` apart) and, in each, the 8-aligned
+// head of [0, n): acc[8i : 8i + 8] += y[q] * x[i][q] lane by lane; tail[i] += the rest in order.
+// Partial sums that persist across calls (one reduction at the very end, fixed order); each y
+// vector is loaded once for M inputs, the accumulators stay in registers over all rows.
+template <int M>
+__attribute__((target("avx2,fma"))) void dots_acc8_avx2(const float* y, const float* const* x,
+                                                        i64 rows, i64 pitch, i64 n, float* acc,
+                                                        float* tail) {
+  __m256 a0, a1, a2, a3, a4, a5, a6, a7;
+  const float *x0 = x[0], *x1 = x[M > 1 ? 1 : 0], *x2 = x[M > 2 ? 2 : 0], *x3 = x[M > 3 ? 3 : 0],
+              *x4 = x[M > 4 ? 4 : 0], *x5 = x[M > 5 ? 5 : 0], *x6 = x[M > 6 ? 6 : 0],
+              *x7 = x[M > 7 ? 7 : 0];
+#define KST_DOTS_EACH(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
+#define KST_LOAD(i) if constexpr (M > i) a##i = _mm256_loadu_ps(acc + 8 * i);
+  KST_DOTS_EACH(KST_LOAD)
+  // a second set of sums for odd vectors where M alone is too few independent FMA chains to
+  // hide their latency (one input: 4-5 cycles a vector instead of 1); added in at the end
+  constexpr bool two = M <= 4;
+  __m256 b0, b1, b2, b3;
+#define KST_ZERO(i) if constexpr (two && M > i) b##i = _mm256_setzero_ps();
+  KST_ZERO(0) KST_ZERO(1) KST_ZERO(2) KST_ZERO(3)
+  const i64 n8 = n / 8 * 8;
+  for (i64 r = 0; r < rows; ++r) {
+    const float* yr = y + r * pitch;
+    const i64 o = r * pitch;
+    i64 q = 0;
+    if constexpr (two) {
+      for (; q + 16 <= n8; q += 16) {
+        const __m256 ya = _mm256_loadu_ps(yr + q), yb = _mm256_loadu_ps(yr + q + 8);
+#define KST_FMA2(i)                                                                   \
+  if constexpr (M > i) {                                                              \
+    a##i = _mm256_fmadd_ps(ya, _mm256_loadu_ps(x##i + o + q), a##i);                  \
+    b##i = _mm256_fmadd_ps(yb, _mm256_loadu_ps(x##i + o + q + 8), b##i);              \
+  }
+        KST_FMA2(0) KST_FMA2(1) KST_FMA2(2) KST_FMA2(3)
+      }
+    }
+    for (; q < n8; q += 8) {
+      const __m256 yv = _mm256_loadu_ps(yr + q);
+#define KST_FMA(i) if constexpr (M > i) a##i = _mm256_fmadd_ps(yv, _mm256_loadu_ps(x##i + o + q), a##i);
+      KST_DOTS_EACH(KST_FMA)
+    }
+  }
+#define KST_ADD(i) if constexpr (two && M > i) a##i = _mm256_add_ps(a##i, b##i);
+  KST_ADD(0) KST_ADD(1) KST_ADD(2) KST_ADD(3)
+#define KST_STORE(i) if constexpr (M > i) _mm256_storeu_ps(acc + 8 * i, a##i);
+  KST_DOTS_EACH(KST_STORE)
+  // the rows' tails after the vector sums (scalar code inside the row loop made GCC spill one
+  // accumulator to the stack every iteration, a store-to-load chain: 3x slower)
+  for (i64 r = 0; n8 < n && r < rows; ++r)
+    for (i64 q = n8; q < n; ++q)
+      for (int i = 0; i < M; ++i) tail[i] += y[r * pitch + q] * x[i][r * pitch + q];
+#undef KST_STORE
+#undef KST_ADD
+#undef KST_FMA
+#undef KST_FMA2
+#undef KST_ZERO
+#undef KST_LOAD
+#undef KST_DOTS_EACH
 }
 
-// dW[g, co, taps] for C_in/g = 1: per (g, co), over images and every destination row. Per image
-// the group's input volume is zero-padded (PaddedVolume: every tap of a phase row is a
-// contiguous run, no validity classes); each grad_out row is split into its w-phases once, and
-// every tap of the row's phase adds y_phase . x_tap into its own 8-lane partial sums, reduced
-// once at the end. Each (g, co) is owned by one thread and summed in a fixed order:
-// deterministic, whatever the number of threads.
+// The same for any count of inputs: blocks of 8, then one block of the rest.
+void dots_acc8(const float* y, const float* const* x, i64 m, i64 rows, i64 pitch, i64 n,
+               float* acc, float* tail) {
+  i64 i = 0;
+  for (; i + 8 <= m; i += 8) dots_acc8_avx2<8>(y, x + i, rows, pitch, n, acc + 8 * i, tail + i);
+  float* a = acc + 8 * i;
+  float* t = tail + i;
+  const float* const* xi = x + i;
+  switch (m - i) {
+    case 1: dots_acc8_avx2<1>(y, xi, rows, pitch, n, a, t); break;
+    case 2: dots_acc8_avx2<2>(y, xi, rows, pitch, n, a, t); break;
+    case 3: dots_acc8_avx2<3>(y, xi, rows, pitch, n, a, t); break;
+    case 4: dots_acc8_avx2<4>(y, xi, rows, pitch, n, a, t); break;
+    case 5: dots_acc8_avx2<5>(y, xi, rows, pitch, n, a, t); break;
+    case 6: dots_acc8_avx2<6>(y, xi, rows, pitch, n, a, t); break;
+    case 7: dots_acc8_avx2<7>(y, xi, rows, pitch, n, a, t); break;
+    default: break;
+  }
+}
+
+// dW[g x C_in/g, co, taps] for groups of at most kDirectMaxChannels input channels: dot
+// products over images and destination rows, no GEMM. A thread takes a run of (g, co) of one
+// group; per image it zero-pads the group's input volumes once (PaddedVolume: every tap of a
+// phase row is one contiguous run), splits each grad_out row of each co into its w-phases, and
+// every (input channel, tap) of the row's phase adds y_phase . x_tap into its own 8-lane partial
+// sums (8 inputs per y load), reduced once at the end. Each weight element is owned by one
+// (g, co) and summed in a fixed order: deterministic, whatever the number of threads.
 template <typename T>
 void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                              const Plan& P, i64 groups) {
-  const i64 N = x.size(0), Cout_g = dy.size(1) / groups;
+  const i64 N = x.size(0), Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
   View5<const T> X(x), DY(dy);
   View5<T> DW(dw);
   const Axis &Ad = P.ax[0], &Ah = P.ax[1], &Aw = P.ax[2];
@@ -474,69 +545,111 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
         }
     tbase[p + 1] = tbase[p] + i64(toff[p].size());
   }
-  const i64 ntaps = tbase[P.P];
-  // grad_out rows split into their w-phases: phase rw's element q at yph[rw * qm + q] (a
-  // residue split where the phases are the residues in order)
+  // sums of one co: [phase tap j][input channel ci] (the order a phase row visits them)
+  const i64 ntaps = tbase[P.P], nsum = ntaps * Cin_g;
+  // Bands of phase rows: per band, grad_out's rows split into their (h, w) phases at the padded
+  // volume's row pitch S1 (phase (rh, rw) row qh at ypl[(rh * nphw + rw) * plane + qh * S1]);
+  // each tap is then one pass over the band's rows against the volume shifted by the tap (same
+  // pitch), its sums in registers. A band's source rows (all channels) and grad_out rows (all
+  // phases) fit L1 (16 KiB) across the taps that read them; splitting whole planes first, then
+  // computing, left the grad_out reads unoverlapped (depthwise 128@64 k3s2p1op1 7.5 -> 14 ms).
   const bool in_order = phases_in_order(Aw);
-  const i64 qm = std::max(pv.ax[2].qmax, ceil_div(Aw.L_dst, Aw.s));
+  i64 qh_max = 0;
+  for (const AxisPhase& ph : Ah.ph) qh_max = std::max(qh_max, ph.Q);
+  const i64 S1 = pv.S1;
+  const i64 band = std::max<i64>(1, (i64(4) << 10) / std::max<i64>(1, (Cin_g + nphh * nphw) * S1));
+  const i64 plane = band * S1;
   at::parallel_for(0, groups * Cout_g, 1, [&](i64 b0, i64 b1) {
-    const RowMap md(Ad), mh(Ah);
-    std::vector<T> xs(pv.size, T(0)), yph(nphw * qm);
-    std::vector<T> acc8(ntaps * 8), tail(ntaps);
-    i64 loaded = -1;
-    for (i64 gc = b0; gc < b1; ++gc) {
-      const i64 g = gc / Cout_g, co = gc % Cout_g;
-      std::fill(acc8.begin(), acc8.end(), T(0));
-      std::fill(tail.begin(), tail.end(), T(0));
+    const RowMap md(Ad);
+    std::vector<T> xs(Cin_g * pv.size, T(0)), ypl(nphh * nphw * plane, T(0));
+    i64 max_tp = 0;
+    for (const auto& tp : toff) max_tp = std::max(max_tp, i64(tp.size()));
+    std::vector<const T*> xp(std::max<i64>(1, max_tp * Cin_g));
+    for (i64 r0 = b0; r0 < b1;) {   // runs of one group
+      const i64 g = r0 / Cout_g, co0 = r0 % Cout_g;
+      const i64 r1 = std::min(b1, (g + 1) * Cout_g), nco = r1 - r0;
+      std::vector<T> acc8(nco * nsum * 8, T(0)), tail(nco * nsum, T(0));
       for (i64 n = 0; n < N; ++n) {
-        if (loaded != n * groups + g) {
-          pv.fill(X, n, g, xs.data());
-          loaded = n * groups + g;
-        }
-        for (i64 od = 0; od < Ad.L_dst; ++od)
-          for (i64 oh = 0; oh < Ah.L_dst; ++oh) {
-            const i64 rd = md.ph[od], qd = md.q[od], rh = mh.ph[oh], qh = mh.q[oh];
-            if (rd < 0 || rh < 0) continue;
-            const T* yrow = DY.at(n, g * Cout_g + co, od, oh, 0);
+        for (i64 ci = 0; ci < Cin_g; ++ci)
+          pv.fill(X, n, g * Cin_g + ci, xs.data() + ci * pv.size);
+        for (i64 od = 0; od < Ad.L_dst; ++od) {
+          const i64 rd = md.ph[od], qd = md.q[od];
+          if (rd < 0) continue;
+          const T* xsl = xs.data() + qd * pv.S0;
+          for (i64 c = 0; c < nco; ++c) {
             const i64 ys = DY.st[4];
-            if (in_order) {
-              split_residues(yrow, ys, Aw.L_dst, Aw.s, yph.data(), qm);
-            } else {
-              for (i64 rw = 0; rw < nphw; ++rw) {
-                const AxisPhase& pw = Aw.ph[rw];
-                for (i64 q = 0; q < pw.Q; ++q)
-                  yph[rw * qm + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
-              }
-            }
-            const T* xrow = xs.data() + qd * pv.S0 + qh * pv.S1;
-            for (i64 rw = 0; rw < nphw; ++rw) {
-              const i64 p = (rd * nphh + rh) * nphw + rw, Q = Aw.ph[rw].Q;
-              const T* yv = yph.data() + rw * qm;
-              // a phase with no positions reads nothing (its taps' shifts may point outside)
-              for (i64 t = 0; Q > 0 && t < i64(toff[p].size()); ++t) {
-                const i64 j = tbase[p] + t;
-                const T* xv = xrow + toff[p][t];
-                if constexpr (f32) {
-                  if (vec) {
-                    dot_acc8_avx2(yv, xv, Q, acc8.data() + 8 * j, tail[j]);
-                    continue;
+            T* a8 = acc8.data() + c * nsum * 8;
+            T* at = tail.data() + c * nsum;
+            for (i64 qh0 = 0; qh0 < qh_max; qh0 += band) {
+              // the band's grad_out rows, split into their phases (read once, used by every tap)
+              for (i64 qh = qh0; qh < std::min(qh_max, qh0 + band); ++qh)   // rows in order
+                for (i64 rh = 0; rh < nphh; ++rh) {
+                  if (qh >= Ah.ph[rh].Q) continue;
+                  const T* yrow = DY.at(n, g * Cout_g + co0 + c, od,
+                                        Ah.s * qh + Ah.ph[rh].dst_off, 0);
+                  T* out = ypl.data() + rh * nphw * plane + (qh - qh0) * S1;
+                  if (in_order) {
+                    split_residues(yrow, ys, Aw.L_dst, Aw.s, out, plane);
+                  } else {
+                    for (i64 rw = 0; rw < nphw; ++rw) {
+                      const AxisPhase& pw = Aw.ph[rw];
+                      for (i64 q = 0; q < pw.Q; ++q)
+                        out[rw * plane + q] = yrow[(Aw.s * q + pw.dst_off) * ys];
+                    }
                   }
                 }
-                for (i64 q = 0; q < Q; ++q) acc8[8 * j + (q & 7)] += yv[q] * xv[q];
-              }
+              for (i64 rh = 0; rh < nphh; ++rh)
+                for (i64 rw = 0; rw < nphw; ++rw) {
+                  const i64 p = (rd * nphh + rh) * nphw + rw;
+                  const i64 Qh = std::min(Ah.ph[rh].Q, qh0 + band) - qh0, Qw = Aw.ph[rw].Q;
+                  // a phase with no positions reads nothing (its taps' shifts may point outside)
+                  if (Qh <= 0 || Qw <= 0) continue;
+                  const T* yv = ypl.data() + (rh * nphw + rw) * plane;
+                  if constexpr (f32) {
+                    if (vec) {   // every (tap, channel) of the phase against its grad_out
+                      for (i64 t = 0; t < i64(toff[p].size()); ++t)
+                        for (i64 ci = 0; ci < Cin_g; ++ci)
+                          xp[t * Cin_g + ci] = xsl + toff[p][t] + qh0 * S1 + ci * pv.size;
+                      const i64 j = tbase[p] * Cin_g;
+                      dots_acc8(yv, xp.data(), i64(toff[p].size()) * Cin_g, Qh, S1, Qw,
+                                a8 + 8 * j, at + j);
+                      continue;
+                    }
+                  }
+                  for (i64 t = 0; t < i64(toff[p].size()); ++t) {
+                    const i64 j = (tbase[p] + t) * Cin_g;
+                    const T* x0 = xsl + toff[p][t] + qh0 * S1;
+                    for (i64 ci = 0; ci < Cin_g; ++ci) {
+                      const T* xc = x0 + ci * pv.size;
+                      for (i64 qh = 0; qh < Qh; ++qh)
+                        for (i64 q = 0; q < Qw; ++q)
+                          a8[8 * (j + ci) + (q & 7)] += yv[qh * S1 + q] * xc[qh * S1 + q];
+                    }
+                  }
+                }
             }
           }
+        }
       }
       // every tap of the weight once (a tap that no phase uses stays zero)
-      std::vector<T> dwl(DW.size[2] * KH * KW, T(0));
-      for (i64 p = 0; p < P.P; ++p)
-        for (i64 t = 0; t < i64(toff[p].size()); ++t) {
-          const T* a = acc8.data() + 8 * (tbase[p] + t);
-          dwl[tk[p][t]] += (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) +
-                           tail[tbase[p] + t];
-        }
-      for (i64 k = 0; k < i64(dwl.size()); ++k)
-        *DW.at(g, co, k / (KH * KW), (k / KW) % KH, k % KW) = dwl[k];
+      std::vector<T> dwl(Cin_g * DW.size[2] * KH * KW);
+      const i64 KK = DW.size[2] * KH * KW;
+      for (i64 c = 0; c < nco; ++c) {
+        std::fill(dwl.begin(), dwl.end(), T(0));
+        for (i64 p = 0; p < P.P; ++p)
+          for (i64 t = 0; t < i64(toff[p].size()); ++t)
+            for (i64 ci = 0; ci < Cin_g; ++ci) {
+              const i64 j = c * nsum + (tbase[p] + t) * Cin_g + ci;
+              const T* a = acc8.data() + 8 * j;
+              dwl[ci * KK + tk[p][t]] +=
+                  (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + tail[j];
+            }
+        for (i64 ci = 0; ci < Cin_g; ++ci)
+          for (i64 k = 0; k < KK; ++k)
+            *DW.at(g * Cin_g + ci, co0 + c, k / (KH * KW), (k / KW) % KH, k % KW) =
+                dwl[ci * KK + k];
+      }
+      r0 = r1;
     }
   });
 }

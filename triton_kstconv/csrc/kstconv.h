@@ -73,7 +73,7 @@ enum WgradMethod : int {
   kWgradPatch = 1,     // per phase dY x patch matrix of x, BLAS
   kWgradGemmFirst = 2, // x x patch matrix of grad_out, in the weight's own order
   kWgradBrgemm = 3,    // brgemm, no patch matrix, de-interleaved grad_out planes
-  kWgradDirect = 4,    // C_in/g = 1: per (group, c_out) dot products, no GEMM
+  kWgradDirect = 4,    // C_in/g <= 16: per (group, c_out) dot products, no GEMM
 };
 
 // -------------------------------------------------------------------- tuning constants
@@ -101,6 +101,8 @@ constexpr i64 kDirectBlock = 4;             // direct: destination channels comp
 constexpr i64 kDirectMaxChannels = 16;     // direct (method 7): at most this many source channels a group
 constexpr i64 kDirectWgradMaxChannels = 4; // direct grad_weight: one input, at most this many
                                            // output channels a group
+constexpr i64 kDirectWgradGroupChannels = 8;  // direct grad_weight of grouped layers: at most
+                                              // this many input channels a group
 
 // ---------------------------------------------------------------------------- tensor views
 // A 5-d tensor (N, C, D, H, W) as a pointer and strides.
