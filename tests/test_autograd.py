@@ -150,3 +150,33 @@ def test_training_takes_joint_backward(activation, needs, monkeypatch):
         assert_close(xa.grad, xr.grad, torch.float32, 16 * 4)
     else:
         assert xa.grad is None
+
+
+def test_grouped_training_takes_separate_backward(monkeypatch):
+    """A grouped layer of 8 channels a group, which the joint path's channel rule alone would
+    take: it runs the separate passes (grad_weight's direct path), and matches PyTorch."""
+    from triton_kstconv import cpp_engine
+    from conftest import assert_close
+    calls = []
+    real = cpp_engine.joint_backward
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpp_engine, "joint_backward", counting)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, 12, 12, generator=g, dtype=torch.float64)
+    m = K.ConvTranspose2d(32, 32, 4, stride=2, padding=1, groups=4, backend="cpp")
+    ref = nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1, groups=4).double()
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    xa, xr = x.float().requires_grad_(), x.clone().requires_grad_()
+    y, yr = m(xa), ref(xr)
+    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    y.backward(gy.float())
+    yr.backward(gy)
+    assert calls == [False] and cpp_engine.last_method["wgrad"] == 4
+    k = 2 * 24 * 24
+    assert_close(m.weight.grad, ref.weight.grad, torch.float32, k)
+    assert_close(xa.grad, xr.grad, torch.float32, 8 * 4)
