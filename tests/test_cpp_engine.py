@@ -472,6 +472,8 @@ def test_patch_backward_rejects_inconsistent_arguments():
 def test_grad_weight_rule_grouped(cin_g, groups, expect):
     """grad_weight's rule for grouped layers: the direct dot products up to 8 input channels a
     group (depthwise included), brgemm from 16; either way the sums are PyTorch's."""
+    if expect == 3 and not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("this PyTorch build has no brgemm")
     c_in = cin_g * groups
     x = torch.randn(2, c_in, 9, 7)
     w = torch.randn(c_in, 8, 4, 4)

@@ -154,6 +154,14 @@ Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
   return Method(forced);
 }
 
+// grad_weight's direct dot products, chosen for one input channel a group (depthwise, up to 4
+// multipliers) and grouped layers of up to 8 input channels a group (g32 256-256@32, 8 a group:
+// 10.6 vs brgemm 16.3 ms; 4 a group: 6.4-9 vs 18-21).
+bool direct_grad_weight_chosen(i64 Cin_g, i64 Cout_g, i64 groups) {
+  return (Cin_g == 1 && Cout_g <= kDirectWgradMaxChannels) ||
+         (groups > 1 && Cin_g <= kDirectWgradGroupChannels && Cout_g <= kDirectMaxChannels);
+}
+
 WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Tensor& dy,
                                const at::Tensor& dw, i64 groups, int forced) {
   const bool brg = x.scalar_type() == at::kFloat && blas().brgemm;
@@ -177,11 +185,7 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   for (int d = 0; d < 3; ++d) k_eq_s = k_eq_s && kk[d] == P.ax[d].s;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
-  if (Cin_g == 1 && Cout_g <= kDirectWgradMaxChannels) return kWgradDirect;
-  // grouped layers of up to 8 input channels a group: the direct dot products (g32 256-256@32,
-  // 8 a group: 10.6 vs brgemm 16.3 ms; 4 a group: 6.4-9 vs 18-21)
-  if (groups > 1 && Cin_g <= kDirectWgradGroupChannels && Cout_g <= kDirectMaxChannels)
-    return kWgradDirect;
+  if (direct_grad_weight_chosen(Cin_g, Cout_g, groups)) return kWgradDirect;
   // grouped layers of 16-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
   // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;
@@ -207,7 +211,7 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
   // grouped layers that grad_weight's direct path serves do better with the separate passes
   // (g32 256-256@32, 8 channels a group: 20.6 vs 39.8 ms joint; 16-32 a group: tied)
-  if (groups > 1 && Cin_g <= kDirectWgradGroupChannels) return false;
+  if (groups > 1 && direct_grad_weight_chosen(Cin_g, Cout_g, groups)) return false;
   return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
          tile <= (i64(128) << 10);
 }

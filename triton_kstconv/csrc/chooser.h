@@ -1,5 +1,5 @@
 // Every rule that picks a strategy of the C++ engine, in one place: forward and grad_input
-// (methods 1-6), grad_weight (1-3), and whether the joint backward takes a layer. The rules were
+// (methods 1-7), grad_weight (1-4), and whether the joint backward takes a layer. The rules were
 // read off the real-layer suite (perf/results). A strategy forced by the caller (the tests,
 // KSTCONV_METHOD and friends) that cannot run here raises, naming why.
 #pragma once
@@ -15,6 +15,9 @@ namespace kst {
 Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                    const at::Tensor& weight, i64 groups, bool swap, int forced,
                    bool per_call = false);
+
+// Whether the rules give grad_weight to its direct dot products (method 4).
+bool direct_grad_weight_chosen(i64 Cin_g, i64 Cout_g, i64 groups);
 
 // The grad_weight method that runs (`forced` as above).
 WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Tensor& dy,

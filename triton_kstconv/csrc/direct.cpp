@@ -13,9 +13,9 @@
 //     for destinations far larger than the caches).
 //   forward:     dst = output, src = input, every output channel of the group
 //   grad_input:  dst = grad_in, src = grad_out, a sum over the group's output channels
-//   grad_weight: dW[g, co, taps] = sum over images and phase pixels of grad_out x input (one
-//                input channel a group), each (g, co) owned by one thread and summed in a
-//                fixed order: deterministic.
+//   grad_weight: dW[g x C_in/g, co, taps] = sum over images and phase pixels of grad_out x
+//                input (up to 16 input channels a group), each (g, co) owned by one thread
+//                and summed in a fixed order: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -551,19 +551,19 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
   // volume's row pitch S1 (phase (rh, rw) row qh at ypl[(rh * nphw + rw) * plane + qh * S1]);
   // each tap is then one pass over the band's rows against the volume shifted by the tap (same
   // pitch), its sums in registers. A band's source rows (all channels) and grad_out rows (all
-  // phases) fit L1 (16 KiB) across the taps that read them; splitting whole planes first, then
+  // phases) fit L1 (4096 elements: 16 KiB in float32) across the taps that read them; splitting whole planes first, then
   // computing, left the grad_out reads unoverlapped (depthwise 128@64 k3s2p1op1 7.5 -> 14 ms).
   const bool in_order = phases_in_order(Aw);
   i64 qh_max = 0;
   for (const AxisPhase& ph : Ah.ph) qh_max = std::max(qh_max, ph.Q);
   const i64 S1 = pv.S1;
   const i64 band = std::max<i64>(1, (i64(4) << 10) / std::max<i64>(1, (Cin_g + nphh * nphw) * S1));
+  i64 max_tp = 0;   // taps of a phase, at most
+  for (const auto& tp : toff) max_tp = std::max(max_tp, i64(tp.size()));
   const i64 plane = band * S1;
   at::parallel_for(0, groups * Cout_g, 1, [&](i64 b0, i64 b1) {
     const RowMap md(Ad);
     std::vector<T> xs(Cin_g * pv.size, T(0)), ypl(nphh * nphw * plane, T(0));
-    i64 max_tp = 0;
-    for (const auto& tp : toff) max_tp = std::max(max_tp, i64(tp.size()));
     std::vector<const T*> xp(std::max<i64>(1, max_tp * Cin_g));
     for (i64 r0 = b0; r0 < b1;) {   // runs of one group
       const i64 g = r0 / Cout_g, co0 = r0 % Cout_g;
@@ -632,8 +632,8 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
         }
       }
       // every tap of the weight once (a tap that no phase uses stays zero)
-      std::vector<T> dwl(Cin_g * DW.size[2] * KH * KW);
       const i64 KK = DW.size[2] * KH * KW;
+      std::vector<T> dwl(Cin_g * KK);
       for (i64 c = 0; c < nco; ++c) {
         std::fill(dwl.begin(), dwl.end(), T(0));
         for (i64 p = 0; p < P.P; ++p)

@@ -26,7 +26,8 @@
 //   grad_input_stream.cpp method 6: grad_input streaming the weight once
 //   grad_weight.cpp       grad_weight methods 1 and 2
 //   grad_weight_brgemm.cpp  grad_weight method 3
-//   direct.cpp            method 7 and grad_weight method 4: depthwise, no GEMM
+//   direct.cpp            method 7 and grad_weight method 4: grouped layers of few channels,
+//                         no GEMM
 //   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
 //   backward_patch.cpp    the same three from one patch matrix of grad_out, two large GEMMs
 //   chooser.h / .cpp      every rule that picks a strategy
@@ -134,44 +135,43 @@ inline bool weight_heavy(const at::Tensor& w, const at::Tensor& a, const at::Ten
 // -------------------------------------------------------------------------------- epilogue
 enum Act { NONE = 0, RELU, LEAKY, SILU, GELU, GELU_TANH, TANH, SIGMOID, RELU6 };
 
-// max(0, v), min(0, v) and min(v, hi) without a branch (a compare and jump mispredicts on half of random
-// data: 3 ns an element, DCGAN's first layer 0.57 -> 0.91 ms with ReLU); NaN stays NaN, as in
-// torch.relu (maxss / minss return their second operand when either is NaN).
+// The epilogue's activations without a branch (a compare and jump mispredicts on half of random
+// data: 3 ns an element, DCGAN's first layer 0.57 -> 0.91 ms with ReLU), each exactly PyTorch's,
+// NaN included: maxss / minss return their second operand when either is NaN (NaN stays NaN,
+// -0.0 stays -0.0, as clamp_min does); leaky ReLU selects v > 0 ? v : v * slope by a mask.
 template <typename T>
-inline T relu_part(T v) {
-  if constexpr (std::is_same<T, float>::value)
-    return _mm_cvtss_f32(_mm_max_ss(_mm_setzero_ps(), _mm_set_ss(v)));
-  else
-    return _mm_cvtsd_f64(_mm_max_sd(_mm_setzero_pd(), _mm_set_sd(v)));
+inline T act_fn_relu(T v, T lo, T hi, bool top) {   // max(lo, v), then min(v, hi) if top
+  if constexpr (std::is_same<T, float>::value) {
+    __m128 r = _mm_max_ss(_mm_set_ss(lo), _mm_set_ss(v));
+    if (top) r = _mm_min_ss(_mm_set_ss(hi), r);
+    return _mm_cvtss_f32(r);
+  } else {
+    __m128d r = _mm_max_sd(_mm_set_sd(lo), _mm_set_sd(v));
+    if (top) r = _mm_min_sd(_mm_set_sd(hi), r);
+    return _mm_cvtsd_f64(r);
+  }
 }
 template <typename T>
-inline T negative_part(T v) {
-  if constexpr (std::is_same<T, float>::value)
-    return _mm_cvtss_f32(_mm_min_ss(_mm_setzero_ps(), _mm_set_ss(v)));
-  else
-    return _mm_cvtsd_f64(_mm_min_sd(_mm_setzero_pd(), _mm_set_sd(v)));
+inline T act_fn_leaky(T v, T slope) {
+  if constexpr (std::is_same<T, float>::value) {
+    const __m128 x = _mm_set_ss(v), pos = _mm_cmpgt_ss(x, _mm_setzero_ps());
+    return _mm_cvtss_f32(_mm_or_ps(_mm_and_ps(pos, x),
+                                   _mm_andnot_ps(pos, _mm_mul_ss(x, _mm_set_ss(slope)))));
+  } else {
+    const __m128d x = _mm_set_sd(v), pos = _mm_cmpgt_sd(x, _mm_setzero_pd());
+    return _mm_cvtsd_f64(_mm_or_pd(_mm_and_pd(pos, x),
+                                   _mm_andnot_pd(pos, _mm_mul_sd(x, _mm_set_sd(slope)))));
+  }
 }
 
-template <typename T>
-inline T at_most(T v, T hi) {   // min(v, hi), NaN stays NaN
-  if constexpr (std::is_same<T, float>::value)
-    return _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(hi), _mm_set_ss(v)));
-  else
-    return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(hi), _mm_set_sd(v)));
-}
-
+// The activations an epilogue applies (the transcendental ones never reach one, see below).
 template <typename T, int ACT>
 inline T act_fn(T v, T slope) {
-  if constexpr (ACT == RELU) return relu_part(v);
-  else if constexpr (ACT == LEAKY) return relu_part(v) + slope * negative_part(v);
-  else if constexpr (ACT == RELU6) return at_most(relu_part(v), T(6));
-  else if constexpr (ACT == SILU) return v / (T(1) + std::exp(-v));
-  else if constexpr (ACT == GELU) return T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
-  else if constexpr (ACT == GELU_TANH) {
-    const T k = T(M_2_SQRTPI * M_SQRT1_2);  // sqrt(2/pi)
-    return T(0.5) * v * (T(1) + std::tanh(k * (v + T(0.044715) * v * v * v)));
-  } else if constexpr (ACT == TANH) return std::tanh(v);
-  else if constexpr (ACT == SIGMOID) return T(1) / (T(1) + std::exp(-v));
+  static_assert(ACT == NONE || ACT == RELU || ACT == LEAKY || ACT == RELU6,
+                "transcendental activations run after the sums (bindings.cpp conv)");
+  if constexpr (ACT == RELU) return act_fn_relu(v, T(0), T(0), false);
+  else if constexpr (ACT == LEAKY) return act_fn_leaky(v, slope);
+  else if constexpr (ACT == RELU6) return act_fn_relu(v, T(0), T(6), true);
   else return v;
 }
 

@@ -38,7 +38,7 @@ void grad_weight_gemm_first(const at::Tensor& x, const at::Tensor& dy, at::Tenso
                             const Plan& GI, i64 groups);
 void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
-// C_in/g = 1; P: the forward plan with exact classes
+// C_in/g <= kDirectMaxChannels; P: the forward plan with exact classes
 void grad_weight_direct(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
 
