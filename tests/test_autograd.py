@@ -83,6 +83,22 @@ class TinyDecoder(nn.Module):
 
 
 @pytest.mark.compile
+def _count_joint_backward(monkeypatch):
+    """The C++ engine's joint_backward, counted: one entry per call, True where it ran the
+    layer, False where it left it to the separate passes."""
+    from triton_kstconv import cpp_engine
+    calls = []
+    real = cpp_engine.joint_backward
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpp_engine, "joint_backward", counting)
+    return calls
+
+
 @pytest.mark.parametrize("joint", ["0", "1"], ids=["separate_backward", "joint_backward"])
 def test_compile_fullgraph_forward_and_backward(joint, monkeypatch, knobs):
     knobs(joint=int(joint))  # the C++ engine's backward paths, both
@@ -97,17 +113,14 @@ def test_compile_fullgraph_forward_and_backward(joint, monkeypatch, knobs):
     from triton_kstconv import cpp_engine
     if ops.engine("cpu") is not cpp_engine:
         pytest.skip("the C++ engine did not load (no compiler): its backward paths are the test")
-    calls = []
-    real = cpp_engine.joint_backward
-    monkeypatch.setattr(cpp_engine, "joint_backward",
-                        lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    calls = _count_joint_backward(monkeypatch)
     compiled = torch.compile(model, fullgraph=True)
     # compile afresh: a cached graph from an older checkout would test old code
     with torch._inductor.config.patch(force_disable_caches=True):
         out = compiled(z)
         out.sum().backward()
     # the compiled backward took the joint op's path (the C++ engine is the CPU default)
-    assert [c is not None for c in calls] == [joint == "1"] * 2
+    assert calls == [joint == "1"] * 2
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
@@ -118,17 +131,8 @@ def test_compile_fullgraph_forward_and_backward(joint, monkeypatch, knobs):
 def test_training_takes_joint_backward(activation, needs, monkeypatch):
     """A float32 layer the C++ rule gives to the joint backward: the eager module takes that path
     (counted), and its gradients match PyTorch's (float64 reference)."""
-    from triton_kstconv import cpp_engine
     from conftest import assert_close
-    calls = []
-    real = cpp_engine.joint_backward
-
-    def counting(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(cpp_engine, "joint_backward", counting)
+    calls = _count_joint_backward(monkeypatch)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 16, 12, 12, generator=g, dtype=torch.float64)
     m = K.ConvTranspose2d(16, 16, 4, stride=2, padding=1, activation=activation, backend="cpp")
@@ -157,15 +161,7 @@ def test_grouped_training_takes_separate_backward(monkeypatch):
     take: it runs the separate passes (grad_weight's direct path), and matches PyTorch."""
     from triton_kstconv import cpp_engine
     from conftest import assert_close
-    calls = []
-    real = cpp_engine.joint_backward
-
-    def counting(*a, **kw):
-        out = real(*a, **kw)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(cpp_engine, "joint_backward", counting)
+    calls = _count_joint_backward(monkeypatch)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 32, 12, 12, generator=g, dtype=torch.float64)
     m = K.ConvTranspose2d(32, 32, 4, stride=2, padding=1, groups=4, backend="cpp")

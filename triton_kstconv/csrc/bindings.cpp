@@ -94,9 +94,35 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& wei
   return prep.to_list();
 }
 
+// The convolution itself under `method`, the epilogue `act` (cheap activations only: see conv).
 void run_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& b,
               at::Tensor dst, at::Tensor pr, const std::vector<i64>& plan, i64 groups,
-              bool swap, int act, double slope, i64 method, const Prepared& prep);
+              bool swap, int act, double slope, i64 method, const Prepared& prep) {
+  // methods 2 and 6 read the weight in its own order: a cached contiguous copy, if any
+  const at::Tensor& w_dense = prep.packed.defined() ? prep.packed : weight;
+  switch (method) {
+    case kImplicitMK:   // exact classes on d/h; along w merged (reads a zero-padded copy)
+      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0, true, kMergeTauW), groups, swap,
+                    act, slope, false, prep.packed);
+      return;
+    case kImplicitKM:   // exact classes: the source is read in place
+      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, act, slope,
+                    true, prep.packed);
+      return;
+    case kStreamWeight:  // one class per axis, every tap
+      grad_input_stream_weight(src, w_dense, dst, Plan(plan, 1e30, false), groups);
+      return;
+    case kGemmFirst:
+      conv_gemm_first(src, w_dense, b, dst, pr, Plan(plan, kMergeTau), groups, act, slope);
+      return;
+    case kDirect:       // exact classes: every tap read meets a real source position
+      conv_direct(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, act, slope);
+      return;
+    default:            // 1 and 5
+      conv_patch(src, weight, b, dst, pr, Plan(plan, kMergeTau), groups, swap, act, slope,
+                 method == kPatchBrgemm, prep);
+  }
+}
 
 // y = act(sums) by ATen's vectorised kernels, in place where y is the sums.
 void apply_transcendental(int act, const at::Tensor& sums, at::Tensor& y) {
@@ -140,36 +166,6 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
     return;
   }
   run_conv(src, weight, b, dst, pr, plan, groups, swap, int(act), slope, method, prep);
-}
-
-// The convolution itself under `method`, the epilogue `act` (cheap activations only: see conv).
-void run_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& b,
-              at::Tensor dst, at::Tensor pr, const std::vector<i64>& plan, i64 groups,
-              bool swap, int act, double slope, i64 method, const Prepared& prep) {
-  // methods 2 and 6 read the weight in its own order: a cached contiguous copy, if any
-  const at::Tensor& w_dense = prep.packed.defined() ? prep.packed : weight;
-  switch (method) {
-    case kImplicitMK:   // exact classes on d/h; along w merged (reads a zero-padded copy)
-      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0, true, kMergeTauW), groups, swap,
-                    int(act), slope, false, prep.packed);
-      return;
-    case kImplicitKM:   // exact classes: the source is read in place
-      conv_implicit(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, int(act), slope,
-                    true, prep.packed);
-      return;
-    case kStreamWeight:  // one class per axis, every tap
-      grad_input_stream_weight(src, w_dense, dst, Plan(plan, 1e30, false), groups);
-      return;
-    case kGemmFirst:
-      conv_gemm_first(src, w_dense, b, dst, pr, Plan(plan, kMergeTau), groups, int(act), slope);
-      return;
-    case kDirect:       // exact classes: every tap read meets a real source position
-      conv_direct(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, int(act), slope);
-      return;
-    default:            // 1 and 5
-      conv_patch(src, weight, b, dst, pr, Plan(plan, kMergeTau), groups, swap, int(act), slope,
-                 method == kPatchBrgemm, prep);
-  }
 }
 
 // grad_weight into dw (contiguous); `forced` 0: the rules. Returns the method that ran.

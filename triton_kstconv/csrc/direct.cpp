@@ -514,10 +514,11 @@ void dots_acc8(const float* y, const float* const* x, i64 m, i64 rows, i64 pitch
 // dW[g x C_in/g, co, taps] for groups of at most kDirectMaxChannels input channels: dot
 // products over images and destination rows, no GEMM. A thread takes a run of (g, co) of one
 // group; per image it zero-pads the group's input volumes once (PaddedVolume: every tap of a
-// phase row is one contiguous run), splits each grad_out row of each co into its w-phases, and
-// every (input channel, tap) of the row's phase adds y_phase . x_tap into its own 8-lane partial
-// sums (8 inputs per y load), reduced once at the end. Each weight element is owned by one
-// (g, co) and summed in a fixed order: deterministic, whatever the number of threads.
+// phase row is one contiguous run). Per band of phase rows (below) each co's grad_out rows are
+// split into their (h, w) phases, and every (tap, input channel) of a phase adds
+// y_phase . x_tap over the band into its own 8-lane partial sums (8 inputs per y load), reduced
+// once at the end. Each weight element is owned by one (g, co) and summed in a fixed order:
+// deterministic, whatever the number of threads.
 template <typename T>
 void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                              const Plan& P, i64 groups) {
@@ -551,13 +552,15 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
   // volume's row pitch S1 (phase (rh, rw) row qh at ypl[(rh * nphw + rw) * plane + qh * S1]);
   // each tap is then one pass over the band's rows against the volume shifted by the tap (same
   // pitch), its sums in registers. A band's source rows (all channels) and grad_out rows (all
-  // phases) fit L1 (4096 elements: 16 KiB in float32) across the taps that read them; splitting whole planes first, then
-  // computing, left the grad_out reads unoverlapped (depthwise 128@64 k3s2p1op1 7.5 -> 14 ms).
+  // phases) fit L1 (4096 elements: 16 KiB in float32) across the taps that read them; splitting
+  // whole planes first, then computing, left the grad_out reads unoverlapped (depthwise 128@64
+  // k3s2p1op1 7.5 -> 14 ms).
   const bool in_order = phases_in_order(Aw);
   i64 qh_max = 0;
   for (const AxisPhase& ph : Ah.ph) qh_max = std::max(qh_max, ph.Q);
   const i64 S1 = pv.S1;
-  const i64 band = std::max<i64>(1, (i64(4) << 10) / std::max<i64>(1, (Cin_g + nphh * nphw) * S1));
+  const i64 band =
+      std::max<i64>(1, (i64(4) << 10) / std::max<i64>(1, (Cin_g + nphh * nphw) * S1));
   i64 max_tp = 0;   // taps of a phase, at most
   for (const auto& tp : toff) max_tp = std::max(max_tp, i64(tp.size()));
   const i64 plane = band * S1;
@@ -605,27 +608,21 @@ void direct_grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tens
                   // a phase with no positions reads nothing (its taps' shifts may point outside)
                   if (Qh <= 0 || Qw <= 0) continue;
                   const T* yv = ypl.data() + (rh * nphw + rw) * plane;
+                  // every (tap, channel) of the phase against its grad_out: sums j0 + i
+                  const i64 m = i64(toff[p].size()) * Cin_g, j0 = tbase[p] * Cin_g;
+                  for (i64 t = 0; t < i64(toff[p].size()); ++t)
+                    for (i64 ci = 0; ci < Cin_g; ++ci)
+                      xp[t * Cin_g + ci] = xsl + toff[p][t] + qh0 * S1 + ci * pv.size;
                   if constexpr (f32) {
-                    if (vec) {   // every (tap, channel) of the phase against its grad_out
-                      for (i64 t = 0; t < i64(toff[p].size()); ++t)
-                        for (i64 ci = 0; ci < Cin_g; ++ci)
-                          xp[t * Cin_g + ci] = xsl + toff[p][t] + qh0 * S1 + ci * pv.size;
-                      const i64 j = tbase[p] * Cin_g;
-                      dots_acc8(yv, xp.data(), i64(toff[p].size()) * Cin_g, Qh, S1, Qw,
-                                a8 + 8 * j, at + j);
+                    if (vec) {
+                      dots_acc8(yv, xp.data(), m, Qh, S1, Qw, a8 + 8 * j0, at + j0);
                       continue;
                     }
                   }
-                  for (i64 t = 0; t < i64(toff[p].size()); ++t) {
-                    const i64 j = (tbase[p] + t) * Cin_g;
-                    const T* x0 = xsl + toff[p][t] + qh0 * S1;
-                    for (i64 ci = 0; ci < Cin_g; ++ci) {
-                      const T* xc = x0 + ci * pv.size;
-                      for (i64 qh = 0; qh < Qh; ++qh)
-                        for (i64 q = 0; q < Qw; ++q)
-                          a8[8 * (j + ci) + (q & 7)] += yv[qh * S1 + q] * xc[qh * S1 + q];
-                    }
-                  }
+                  for (i64 i = 0; i < m; ++i)
+                    for (i64 qh = 0; qh < Qh; ++qh)
+                      for (i64 q = 0; q < Qw; ++q)
+                        a8[8 * (j0 + i) + (q & 7)] += yv[qh * S1 + q] * xp[i][qh * S1 + q];
                 }
             }
           }

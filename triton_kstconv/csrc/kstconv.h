@@ -140,16 +140,18 @@ enum Act { NONE = 0, RELU, LEAKY, SILU, GELU, GELU_TANH, TANH, SIGMOID, RELU6 };
 // NaN included: maxss / minss return their second operand when either is NaN (NaN stays NaN,
 // -0.0 stays -0.0, as clamp_min does); leaky ReLU selects v > 0 ? v : v * slope by a mask.
 template <typename T>
-inline T act_fn_relu(T v, T lo, T hi, bool top) {   // max(lo, v), then min(v, hi) if top
-  if constexpr (std::is_same<T, float>::value) {
-    __m128 r = _mm_max_ss(_mm_set_ss(lo), _mm_set_ss(v));
-    if (top) r = _mm_min_ss(_mm_set_ss(hi), r);
-    return _mm_cvtss_f32(r);
-  } else {
-    __m128d r = _mm_max_sd(_mm_set_sd(lo), _mm_set_sd(v));
-    if (top) r = _mm_min_sd(_mm_set_sd(hi), r);
-    return _mm_cvtsd_f64(r);
-  }
+inline T act_fn_max0(T v) {   // max(0, v)
+  if constexpr (std::is_same<T, float>::value)
+    return _mm_cvtss_f32(_mm_max_ss(_mm_setzero_ps(), _mm_set_ss(v)));
+  else
+    return _mm_cvtsd_f64(_mm_max_sd(_mm_setzero_pd(), _mm_set_sd(v)));
+}
+template <typename T>
+inline T act_fn_min(T v, T hi) {   // min(v, hi)
+  if constexpr (std::is_same<T, float>::value)
+    return _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(hi), _mm_set_ss(v)));
+  else
+    return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(hi), _mm_set_sd(v)));
 }
 template <typename T>
 inline T act_fn_leaky(T v, T slope) {
@@ -169,9 +171,9 @@ template <typename T, int ACT>
 inline T act_fn(T v, T slope) {
   static_assert(ACT == NONE || ACT == RELU || ACT == LEAKY || ACT == RELU6,
                 "transcendental activations run after the sums (bindings.cpp conv)");
-  if constexpr (ACT == RELU) return act_fn_relu(v, T(0), T(0), false);
+  if constexpr (ACT == RELU) return act_fn_max0(v);
   else if constexpr (ACT == LEAKY) return act_fn_leaky(v, slope);
-  else if constexpr (ACT == RELU6) return act_fn_relu(v, T(0), T(6), true);
+  else if constexpr (ACT == RELU6) return act_fn_min(act_fn_max0(v), T(6));
   else return v;
 }
 
