@@ -1,5 +1,7 @@
 """Every inner strategy of the C++ engine, forced, against PyTorch (the chooser must never pick
 a wrong one), including work split into many small items, ASan-friendly sizes."""
+import math
+
 import pytest
 import torch
 
@@ -444,11 +446,81 @@ def test_direct_streaming_stores(nd, size, k, s, p, act):
     conv = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d}[nd]
     ref = conv(x.double(), w.double(), b.double(), stride=s, padding=p, groups=6)
     ref = {None: ref, "relu": torch.relu(ref), "silu": torch.nn.functional.silu(ref)}[act]
-    for stream_bytes in (1, 1 << 40):
-        with cpp_engine.tuning(stream_bytes=stream_bytes):
+    for stream_bytes, row_kernel in ((1, 1), (1, 0), (1 << 40, 1), (1 << 40, 0)):
+        with cpp_engine.tuning(stream_bytes=stream_bytes, row_kernel=row_kernel):
             out, _ = _forced("fwd", 7, lambda: cpp_engine.forward(
                 x, w, b, geom, parse_activation(act), False, method=7))
         assert_close(out, ref, torch.float32, reduction_length(1, 1, (k,) * nd, (s,) * nd))
+
+
+# (nd, size, kernel, stride, padding, output_padding, dilation, channels a group out)
+ROW_KERNEL_CASES = [
+    (2, (16, 16), (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1),  # decoders' k4s2p1, rows of 32
+    (2, (5, 12), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1), 1),   # one and two taps a phase
+    (2, (7, 9), (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 2),    # k2s2, channel multiplier 2
+    (2, (6, 11), (5, 5), (2, 2), (2, 2), (1, 1), (1, 1), 3),   # rows of 23: the partial tail
+    (1, (37,), (4,), (2,), (1,), (0,), (1,), 1),               # 1-D: two vectors, then one
+    (2, (4, 5), (3, 3), (2, 2), (0, 0), (0, 0), (2, 2), 1),    # dilation 2
+    (2, (6, 9), (3, 4), (1, 2), (1, 1), (0, 0), (1, 1), 1),    # stride 1 along h
+    (2, (5, 6), (2, 4), (3, 2), (0, 1), (0, 0), (1, 1), 1),    # rows no h-phase reaches
+    (2, (3, 20), (9, 9), (2, 2), (4, 4), (1, 1), (1, 1), 2),   # 25 taps a phase (run-time count)
+]
+
+
+@pytest.mark.parametrize("case", ROW_KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("act", [None, "relu6", ("leaky_relu", 0.2), "silu"], ids=str)
+@pytest.mark.parametrize("keep_pre", [False, True], ids=["no_pre", "pre"])
+def test_direct_row_kernel(case, act, keep_pre):
+    """The direct forward's row kernel (depthwise and channel multipliers, stride 2 along w,
+    float32) and the general direct path it replaces, both against PyTorch: the counter says
+    which ran."""
+    nd, size, k, s, p, op, dil, mult = case
+    groups = 5
+    x, w, b = make_case(nd, 2, groups, groups * mult, groups, size, k, s, p, op, dil, True,
+                        torch.float32, seed=3)
+    x = x * 8   # sums past relu6's clip
+    geom = geometry_of(size, k, s, p, op, groups, dil)
+    a = parse_activation(act)
+    ref_pre = reference(x, w, b, nd, stride=s, padding=p, output_padding=op, groups=groups,
+                        dilation=dil)
+    ref = epilogue.apply(ref_pre, a)
+    mod = cpp_engine.load()
+    for row_kernel in (1, 0):
+        runs = mod.row_kernel_runs()
+        with cpp_engine.tuning(row_kernel=row_kernel):
+            out, pre = _forced("fwd", 7, lambda: cpp_engine.forward(x, w, b, geom, a, keep_pre,
+                                                                    method=7))
+        assert mod.row_kernel_runs() - runs == row_kernel
+        kk = reduction_length(1, 1, k, s) * math.prod(dil)
+        assert_close(out, ref, torch.float32, kk)
+        if keep_pre:
+            assert_close(pre, ref_pre, torch.float32, kk)
+
+
+@pytest.mark.parametrize("why", ["float64", "channels_last", "taps", "grouped", "3d"])
+def test_direct_row_kernel_declines(why):
+    """Layers the row kernel does not serve go to the general direct path (and are right)."""
+    nd, size, k, s, cin_g = 2, (6, 7), (4, 4), (2, 2), 1
+    dtype = torch.float64 if why == "float64" else torch.float32
+    if why == "taps":
+        k = (13, 13)            # 7 x 7 taps a phase: past the kernel's register tables
+    if why == "grouped":
+        cin_g = 2               # two source channels a group
+    if why == "3d":
+        nd, size, k, s = 3, (3, 4, 5), (2, 4, 4), (2, 2, 2)
+    groups = 3
+    x, w, b = make_case(nd, 2, groups * cin_g, groups, groups, size, k, s, (1,) * nd, (0,) * nd,
+                        (1,) * nd, True, dtype)
+    if why == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    geom = geometry_of(size, k, s, (1,) * nd, (0,) * nd, groups, (1,) * nd)
+    mod = cpp_engine.load()
+    runs = mod.row_kernel_runs()
+    out, _ = _forced("fwd", 7, lambda: cpp_engine.forward(x, w, b, geom, parse_activation(None),
+                                                           False, method=7))
+    assert mod.row_kernel_runs() == runs
+    ref = reference(x, w, b, nd, stride=s, padding=(1,) * nd, groups=groups)
+    assert_close(out, ref, dtype, reduction_length(groups * cin_g, groups, k, s))
 
 
 def test_patch_backward_rejects_inconsistent_arguments():

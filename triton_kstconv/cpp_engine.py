@@ -116,7 +116,8 @@ def tuning(**values):
     """Work-item sizes inside the block (the tests cut passes into many tiny items):
     cols_cap, item_pixels, gemm_first_cap, brg_rows, brg_cols; l2_bytes, the cache size the
     forward's rule compares weight panels with; stream_bytes, the destination size from which
-    the direct strategy writes with non-temporal stores."""
+    the direct strategy writes with non-temporal stores; row_kernel (1 or 0), whether the direct
+    forward takes its row kernel where it applies."""
     mod = load()
     saved = dict(mod.get_tuning())
     mod.set_tuning(values)

@@ -41,6 +41,11 @@ std::map<std::string, bool> gemm_paths() {
 void set_tuning(const std::map<std::string, i64>& values) {
   Tuning& t = tuning();
   for (const auto& [key, v] : values) {
+    if (key == "row_kernel") {   // a switch, not a size
+      TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value row_kernel=", v, " must be 0 or 1");
+      t.row_kernel = v;
+      continue;
+    }
     TORCH_CHECK(v >= 1, "kstconv: tuning value ", key, "=", v, " must be positive");
     if (key == "cols_cap") t.cols_cap = v;
     else if (key == "item_pixels") t.item_pixels = v;
@@ -58,7 +63,7 @@ std::map<std::string, i64> get_tuning() {
   return {{"cols_cap", t.cols_cap}, {"item_pixels", t.item_pixels},
           {"gemm_first_cap", t.gemm_first_cap}, {"brg_rows", t.brg_rows},
           {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
-          {"stream_bytes", t.stream_bytes}};
+          {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
@@ -285,6 +290,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_paths", &kst::gemm_paths, "which GEMMs were found in libtorch_cpu");
   m.def("set_tuning", &kst::set_tuning, "work-item sizes (tests)");
   m.def("get_tuning", &kst::get_tuning, "work-item sizes");
+  m.def("row_kernel_runs", [] { return kst::row_kernel_runs().load(); },
+        "passes the direct forward's row kernel ran (tests)");
   m.def("conv_method", py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::vector<kst::i64>&, kst::i64, bool,
                                          kst::i64, bool>(&kst::conv_method),

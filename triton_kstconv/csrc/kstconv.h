@@ -89,6 +89,8 @@ struct Tuning {
   i64 l2_bytes = i64(512) << 10;    // one core's L2 (plan.cpp reads the machine's at start)
   i64 stream_bytes = i64(16) << 20; // direct: destinations of at least this size written with
                                     // non-temporal stores (far larger than the caches)
+  i64 row_kernel = 1;               // direct forward: 1 takes its row kernel where it applies,
+                                    // 0 the general path (tests run both)
 };
 Tuning& tuning();
 

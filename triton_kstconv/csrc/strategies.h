@@ -3,6 +3,8 @@
 // decides which runs; bindings.cpp checks the arguments first.
 #pragma once
 
+#include <atomic>
+
 #include "packing.h"
 #include "plan.h"
 
@@ -21,6 +23,9 @@ void conv_implicit(const at::Tensor& src, const at::Tensor& weight, const at::Te
 void conv_gemm_first(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
                      at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, int act,
                      double slope);
+// How many passes of conv_direct took its row kernel (the depthwise forward at stride 2 along
+// w, float32, AVX2): the tests' check that it ran.
+std::atomic<i64>& row_kernel_runs();
 // method 6 (grad_input only); GI: the grad_input plan with every tap (untrimmed, one class)
 void grad_input_stream_weight(const at::Tensor& dy, const at::Tensor& weight, at::Tensor& dx,
                               const Plan& GI, i64 groups);
