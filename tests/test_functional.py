@@ -181,3 +181,19 @@ def test_nan_propagates_through_activation(backend, activation):
                              backend=backend)
     assert out[:, 1].isnan().all()
     assert not out[:, [0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_profiler_names_the_op(backend):
+    """torch.profiler shows the layer's forward and backward under their own names (the eager
+    path skips the dispatcher, which would otherwise name them), and nothing when it is off."""
+    dev = device_for(backend)
+    x = torch.randn(2, 4, 5, 6, device=dev, requires_grad=True)
+    w = torch.randn(4, 3, 4, 4, device=dev, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        K.conv_transpose2d(x, w, stride=2, padding=1, backend=backend).sum().backward()
+        with torch.no_grad():
+            K.conv_transpose2d(x, w, stride=2, padding=1, backend=backend)
+    names = [e.name for e in prof.events()]
+    assert names.count("kstconv::conv_transpose") == 2
+    assert names.count("kstconv::conv_transpose_backward") == 1
