@@ -287,20 +287,45 @@ def test_joint_backward_wide_rows(case, channels_last, knobs):
 
 
 def test_joint_backward_independent_of_threads(knobs):
-    """Fixed row ranges with their own accumulators: bitwise the same result on 1 or 2 threads."""
+    """Fixed row ranges with their own accumulators: bitwise the same result on 1, 2 or more
+    threads than ranges."""
     knobs(joint=1)
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 5, c.size, False)
     threads = torch.get_num_threads()
     try:
         outs = []
-        for n in (1, 2):
+        for n in (1, 2, 8):
             torch.set_num_threads(n)
             outs.append(cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_joint_backward_rule_and_threads(knobs):
+    """The rules take the joint pass for a layer with channels and rows enough while the
+    threads fit its fixed ranges, and leave it to the separate passes (which use every thread)
+    beyond; forced, it still runs."""
+    from types import SimpleNamespace
+    c = SimpleNamespace(nd=2, groups=1, c_in=32, c_out=16, kernel=(4, 4), stride=(2, 2),
+                        padding=(1, 1), output_padding=(0, 0), dilation=(1, 1), size=(6, 10))
+    c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
+                  dilation=(1, 1))
+    xf, wf, gf, refs, _ = _joint_case(c, 2, c.size, False)
+    threads = torch.get_num_threads()
+    try:
+        for n, mode, runs in ((2, -1, True), (4, -1, True), (5, -1, False), (8, 1, True)):
+            torch.set_num_threads(n)
+            knobs(joint=mode)
+            got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+            assert (got is not None) == runs, (n, mode)
+            if got is not None:
+                assert_close(got[0], refs[0], torch.float32, 16 * 4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_joint_backward_off_and_refusals(knobs):

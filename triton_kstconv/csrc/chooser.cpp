@@ -1,6 +1,8 @@
 // The strategy rules of the C++ engine (see chooser.h).
 #include "chooser.h"
 
+#include <ATen/Parallel.h>
+
 #include "blas.h"
 #include "patches.h"
 
@@ -205,6 +207,8 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   const i64 wbytes = weight.numel() * 4;
   if (cache > (i64(1) << 20) || wbytes * kJointSplits > (i64(64) << 20)) return false;
   if (any) return true;
+  // it runs on at most kJointSplits threads (strategies.h)
+  if (at::get_num_threads() > kJointSplits) return false;
   // The grad_weight tile of one (kd, kh), [c_in, kw x c_out], is re-read and re-written by every
   // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
   // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
