@@ -170,14 +170,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
         f"the C++ engine supports float16/bfloat16/float32/float64, got {dtype}")
 
 
+@functools.lru_cache(maxsize=256)
+def _shape_only(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The chooser reads the weight's shape and dtype only: a stand-in without storage (made
+    once per shape: building it cost a fifth of a small layer's call)."""
+    return torch.empty((), dtype=dtype).expand(_as5d(torch.empty(shape, device="meta")).shape)
+
+
 def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reuse: bool):
     """The method conv() will run, and the weight prepared for it in the compute dtype; with
     ``reuse`` (a pass that records no graph) made once per weight version (weight_cache),
     else left to conv() itself. Returns (method, weight in the compute dtype, prepared)."""
     cdt = dst.dtype
-    # the chooser reads the weight's shape and dtype only: a stand-in without storage
-    shape_only = torch.empty((), dtype=cdt).expand(_as5d(weight).shape)
-    m = mod.conv_method(src, shape_only, dst, plan, groups, swap, method, not reuse)
+    m = mod.conv_method(src, _shape_only(tuple(weight.shape), cdt), dst, plan, groups, swap,
+                        method, not reuse)
     last_method["dgrad" if swap else "fwd"] = m
     if not reuse:
         return m, weight.to(cdt), []

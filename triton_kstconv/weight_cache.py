@@ -58,12 +58,16 @@ def lookup(weight: torch.Tensor, key: Hashable, parts: Sequence[Hashable]):
     stamp = _stamp(weight)
     if stamp is None:
         return None
+    have = {}
     with _LOCK:
-        slot = _ENTRIES.get(weight) or {}
-        have = {p: slot[(key, p)][1] for p in parts
-                if (key, p) in slot and slot[(key, p)][0] == stamp}
-    if len(have) < len(parts):
-        return None
+        slot = _ENTRIES.get(weight)
+        if slot is None:
+            return None
+        for p in parts:
+            entry = slot.get((key, p))
+            if entry is None or entry[0] != stamp:
+                return None
+            have[p] = entry[1]
     stats["hits"] += 1
     return have
 
