@@ -174,7 +174,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _shape_only(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """The chooser reads the weight's shape and dtype only: a stand-in without storage (made
     once per shape: building it cost a fifth of a small layer's call)."""
-    return torch.empty((), dtype=dtype).expand(_as5d(torch.empty(shape, device="meta")).shape)
+    return torch.empty((), dtype=dtype, device="cpu").expand(
+        _as5d(torch.empty(shape, device="meta")).shape)
 
 
 def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reuse: bool):
