@@ -137,6 +137,14 @@ def _seed():
 
 
 @pytest.fixture
+def threads():
+    """``threads(n)``: torch's thread count set for this test only (restored after it)."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
 def knobs(monkeypatch):
     """``knobs(joint=1, ...)``: the library's knobs (triton_kstconv.config) changed for this
     test only."""

@@ -128,21 +128,13 @@ def test_compile_fullgraph_forward_and_backward(joint, monkeypatch, knobs):
 
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("needs", ["all", "weight_only"])
-def test_training_takes_joint_backward(activation, needs, monkeypatch):
+def test_training_takes_joint_backward(activation, needs, monkeypatch, threads):
     """A float32 layer the C++ rule gives to the joint backward: the eager module takes that path
     (counted), and its gradients match PyTorch's (float64 reference). The rule serves at most
     4 threads (its fixed row ranges), so the test runs on at most 4."""
     from conftest import assert_close
     calls = _count_joint_backward(monkeypatch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 4))
-    try:
-        _joint_layer_trains(activation, needs, calls, assert_close)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _joint_layer_trains(activation, needs, calls, assert_close):
+    threads(min(torch.get_num_threads(), 4))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 16, 12, 12, generator=g, dtype=torch.float64)
     m = K.ConvTranspose2d(16, 16, 4, stride=2, padding=1, activation=activation, backend="cpp")

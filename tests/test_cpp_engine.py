@@ -286,26 +286,22 @@ def test_joint_backward_wide_rows(case, channels_last, knobs):
         assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_joint_backward_independent_of_threads(knobs):
+def test_joint_backward_independent_of_threads(knobs, threads):
     """Fixed row ranges with their own accumulators: bitwise the same result on 1, 2 or more
     threads than ranges."""
     knobs(joint=1)
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 5, c.size, False)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 8):
-            torch.set_num_threads(n)
-            outs.append(cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True))
-    finally:
-        torch.set_num_threads(threads)
+    outs = []
+    for n in (1, 2, 8):
+        threads(n)
+        outs.append(cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
 
 
-def test_joint_backward_rule_and_threads(knobs):
+def test_joint_backward_rule_and_threads(knobs, threads):
     """The rules take the joint pass for a layer with channels and rows enough while the
     threads fit its fixed ranges, and leave it to the separate passes (which use every thread)
     beyond; forced, it still runs."""
@@ -315,17 +311,13 @@ def test_joint_backward_rule_and_threads(knobs):
     c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
                   dilation=(1, 1))
     xf, wf, gf, refs, _ = _joint_case(c, 2, c.size, False)
-    threads = torch.get_num_threads()
-    try:
-        for n, mode, runs in ((2, -1, True), (4, -1, True), (5, -1, False), (8, 1, True)):
-            torch.set_num_threads(n)
-            knobs(joint=mode)
-            got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
-            assert (got is not None) == runs, (n, mode)
-            if got is not None:
-                assert_close(got[0], refs[0], torch.float32, 16 * 4)
-    finally:
-        torch.set_num_threads(threads)
+    for n, mode, runs in ((2, -1, True), (4, -1, True), (5, -1, False), (8, 1, True)):
+        threads(n)
+        knobs(joint=mode)
+        got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+        assert (got is not None) == runs, (n, mode)
+        if got is not None:
+            assert_close(got[0], refs[0], torch.float32, 16 * 4)
 
 
 def test_joint_backward_off_and_refusals(knobs):

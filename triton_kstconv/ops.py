@@ -13,6 +13,7 @@ engine by name (``"cpp"``, ``"torch"``, ``"triton"``); ``functional`` picks it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional
 
@@ -134,34 +135,30 @@ class _EagerConvTranspose(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if _profiling():
-            with torch.profiler.record_function("kstconv::conv_transpose_backward"):
-                dx, dw, db = _backward(ctx, grad_out, None,
-                                       differentiable=torch.is_grad_enabled())
-        else:
+        with _named("kstconv::conv_transpose_backward"):
             dx, dw, db = _backward(ctx, grad_out, None, differentiable=torch.is_grad_enabled())
         return dx, dw, db, None, None, None, None
 
 
-# Whether torch.profiler is recording: the eager path bypasses the dispatcher, so it names its
-# own ranges (kstconv::conv_transpose and its backward) for a profiled model's tables.
-_profiling = torch._C._autograd._profiler_enabled
+_NOT_PROFILING = contextlib.nullcontext()
+
+
+def _named(name: str):
+    """A range named ``name`` while torch.profiler records (the eager path bypasses the
+    dispatcher, which would otherwise name it in a profiled model's tables), else nothing."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return _NOT_PROFILING
 
 
 def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend):
     """Eager: through the autograd Function where a graph is recorded, else straight to the
     engine (which may then reuse the weight packed by an earlier call)."""
-    if _profiling():
-        with torch.profiler.record_function("kstconv::conv_transpose"):
-            return _conv_transpose_eager(x, weight, bias, conv, act, keep_pre, backend)
-    return _conv_transpose_eager(x, weight, bias, conv, act, keep_pre, backend)
-
-
-def _conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias)):
-        return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
-    return _forward_impl(x, weight, bias, conv, act, False, backend, None)[0]
+    with _named("kstconv::conv_transpose"):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias)):
+            return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
+        return _forward_impl(x, weight, bias, conv, act, False, backend, None)[0]
 
 
 # ------------------------------------------------------------------------------------ forward
