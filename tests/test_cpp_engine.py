@@ -388,24 +388,34 @@ def test_patch_backward_deterministic(knobs):
         assert torch.equal(u, v)
 
 
-def test_patch_backward_rule_takes_deep_layers(knobs):
-    """The rule gives a deep layer (512 input channels, a 4096-long patch row, DCGAN's 4x4) to the
-    patch backward and a shallow one to the other paths."""
-    knobs(joint=-1)
+def _patch_rule_case(c_in, c_out, size, batch):
+    """Runs the rules' backward on a k4s2p1 layer; returns which path ran, after checking the
+    gradients against float64."""
     from types import SimpleNamespace
-    deep = SimpleNamespace(nd=2, c_in=512, c_out=256, groups=1, size=(4, 4), kernel=(4, 4),
-                           stride=(2, 2), padding=(1, 1), output_padding=(0, 0), dilation=(1, 1))
-    deep.conv = dict(stride=deep.stride, padding=deep.padding, output_padding=(0, 0), groups=1,
-                     dilation=(1, 1))
-    xf, wf, gf, refs, y = _joint_case(deep, 8, deep.size, False)
-    got = cpp_engine.joint_backward(gf, xf, wf, _geom(deep), True, True, True)
-    assert cpp_engine.last_method["backward"] == "patch"
-    assert_close(got[0], refs[0], torch.float32, reduction_length(256, 1, (4, 4), (1, 1)))
-    assert_close(got[1], refs[1], torch.float32, 2 * 8 * y[0, 0].numel())
-    c = BY_NAME["dcgan_k4s2p1"]
-    xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)
-    cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
-    assert cpp_engine.last_method["backward"] != "patch"
+    c = SimpleNamespace(nd=2, c_in=c_in, c_out=c_out, groups=1, size=size, kernel=(4, 4),
+                        stride=(2, 2), padding=(1, 1), output_padding=(0, 0), dilation=(1, 1))
+    c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
+                  dilation=(1, 1))
+    xf, wf, gf, refs, y = _joint_case(c, batch, size, False)
+    got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+    path = cpp_engine.last_method["backward"]
+    if got is None:
+        return path
+    assert_close(got[0], refs[0], torch.float32, reduction_length(c_out, 1, (4, 4), (1, 1)))
+    assert_close(got[1], refs[1], torch.float32, 2 * batch * y[0, 0].numel())
+    return path
+
+
+def test_patch_backward_rule(knobs):
+    """The rule gives the patch backward a deep layer (512 input channels, a 4096-long patch row,
+    DCGAN's 4x4) and a layer of one or two input pixels in the batch (a U-Net's innermost
+    up-convolution at batch 1), and leaves a shallow layer and 4 pixels to the other paths."""
+    knobs(joint=-1)
+    assert _patch_rule_case(512, 256, (4, 4), 8) == "patch"
+    assert _patch_rule_case(64, 64, (1, 1), 1) == "patch"
+    assert _patch_rule_case(64, 64, (1, 1), 2) == "patch"
+    assert _patch_rule_case(64, 64, (2, 2), 1) != "patch"
+    assert _patch_rule_case(16, 8, (8, 8), 2) != "patch"
 
 
 def test_forward_rule_weight_panel_past_l2():
