@@ -15,7 +15,8 @@ NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
          "k3s2_dil2_gcd_empty", "big_padding", "groups3_k4s2", "depthwise", "wide_channels",
          "stride1_1x1_input", "1x1_input_groups2_k3s2", "1d_hifigan_k16s8p4", "3d_anisotropic", "3d_groups"]
 # forward: 1-5, 7; grad_input: 1, 3-7; grad_weight: 1-4. 3-5 need float32 (brgemm); 7 (direct)
-# grouped layers, grad_weight 4 (direct) at most 16 input channels a group.
+# grouped layers in the forward (any layer in grad_input), grad_weight 4 (direct) at most 16
+# input channels a group.
 FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
        (3, torch.float32), (4, torch.float32), (5, torch.float32), (7, torch.float64),
        (7, torch.float32)]
@@ -132,8 +133,7 @@ def test_grad_input_methods(name, method, dtype, items):
     # method 4 reads grad_out in place, which the adjoint's stride-s gather along w rules out
     dx = _forced("dgrad", method,
                  lambda: cpp_engine.grad_input(g.to(dtype), w.to(dtype), _geom(c), method=method),
-                 refused=(method == 4 and c.stride[-1] > 1) or
-                 (method == 7 and c.groups == 1))
+                 refused=method == 4 and c.stride[-1] > 1)
     if dx is None:
         return
     assert_close(dx, xr.grad, dtype, reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd))
@@ -584,3 +584,26 @@ def test_grad_weight_rule_grouped(cin_g, groups, expect):
     dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
     assert cpp_engine.last_method["wgrad"] == expect
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+
+
+@pytest.mark.parametrize("nd,c_out,k,dtype,direct", [
+    (2, 3, 4, torch.float32, True), (2, 1, 9, torch.float32, True), (1, 4, 16, torch.float32, True),
+    (3, 1, 2, torch.float32, True), (2, 8, 4, torch.float32, False),
+    (3, 3, 4, torch.float32, False), (2, 3, 4, torch.float64, False)], ids=str)
+def test_grad_input_rule_few_channels(nd, c_out, k, dtype, direct):
+    """grad_input's rule for an ungrouped layer with a handful of output channels: the direct
+    path up to 4 of them and 128 products an element (float32), a GEMM path beyond; either way
+    PyTorch's values."""
+    size = {1: (37,), 2: (9, 11), 3: (5, 4, 6)}[nd]
+    x, w, _ = make_case(nd, 2, 24, c_out, 1, size, (k,) * nd, (2,) * nd, (1,) * nd, (0,) * nd,
+                        (1,) * nd, False, torch.float64)
+    xr = x.clone().requires_grad_()
+    conv = dict(stride=(2,) * nd, padding=(1,) * nd, output_padding=(0,) * nd, groups=1,
+                dilation=(1,) * nd)
+    y = reference(xr, w, None, nd, **conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    geom = geometry_of(size, (k,) * nd, (2,) * nd, (1,) * nd, (0,) * nd, 1, (1,) * nd)
+    dx = cpp_engine.grad_input(g.to(dtype), w.to(dtype), geom)
+    assert (cpp_engine.last_method["dgrad"] == 7) == direct, cpp_engine.last_method
+    assert_close(dx, xr.grad, dtype, reduction_length(c_out, 1, (k,) * nd, (1,) * nd))
