@@ -82,3 +82,38 @@ def test_cpp_needs_cpu_tensors():
 def test_padding_mode_rejected_like_pytorch():
     with pytest.raises(ValueError, match="padding mode"):
         K.ConvTranspose2d(4, 2, 3, padding_mode="reflect")
+
+
+def test_checks_cached_per_signature_still_reject_bad_arguments():
+    """A call signature that passed the checks skips them when it comes again (functional's
+    cache); arguments that equal a cached good one but are wrong (True == 1), another dtype or
+    device, or changed knobs never ride on it."""
+    from triton_kstconv import config, functional
+    from triton_kstconv.geometry import ConvArgumentError
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 3, 3, 3)
+    good = K.conv_transpose2d(x, w, stride=1, padding=(0, 0), groups=1)
+    assert any(k[1] == x.shape and k[4] == w.shape for k in functional._CHECKED)
+    for kw, match in [(dict(stride=True), "stride"), (dict(groups=True), "groups"),
+                      (dict(padding=(True, 0)), "padding"),
+                      (dict(activation=("leaky_relu", True)), "leaky_relu")]:
+        with pytest.raises(ConvArgumentError, match=match):
+            K.conv_transpose2d(x, w, **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        K.conv_transpose2d(x, w.double())
+    with pytest.raises(ConvArgumentError, match="channels"):
+        K.conv_transpose2d(torch.randn(1, 5, 5, 5), w)
+    torch.testing.assert_close(K.conv_transpose2d(x, w, stride=1, padding=(0, 0), groups=1), good)
+    with config.override(backend="torch"):   # the knobs are part of the signature
+        torch.testing.assert_close(K.conv_transpose2d(x, w), good)
+        with pytest.raises(ConvArgumentError, match="backend"):
+            K.conv_transpose2d(x, w, backend="nope")
+
+
+def test_symbolic_shapes_bypass_the_check_cache():
+    """Symbolic sizes (make_fx's symbolic tracing) do not hash: such a call takes the checks
+    every time instead of failing in the cache."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 3, 3, 3)
+    traced = make_fx(lambda x, w: K.conv_transpose2d(x, w, stride=2, backend="torch"),
+                     tracing_mode="symbolic")(x, w)
+    torch.testing.assert_close(traced(x, w), torch.nn.functional.conv_transpose2d(x, w, stride=2))

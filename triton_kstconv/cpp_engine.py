@@ -132,23 +132,23 @@ _UNIT_AXIS = [1, 1, 1, 1, 1, 0, 1, 1, 0, 0]   # L_src L_dst a s n | dst_off Q T 
 
 
 @functools.lru_cache(maxsize=1024)
-def encode_plan(geom: Geometry, kind: str) -> list[int]:
-    """geometry.pass_plan(geom, kind) as the C++ plan's flat list (csrc/plan.h): per axis
+def encode_plan(geom: Geometry, kind: str) -> tuple[int, ...]:
+    """geometry.pass_plan(geom, kind) as the C++ plan's flat sequence (csrc/plan.h): per axis
     (unit axes first for 1D/2D) L_src, L_dst, src_stride, dst_stride, n_phases, then per phase
-    dst_off, Q, T, widx[T], soff[T]."""
+    dst_off, Q, T, widx[T], soff[T]. A tuple: cached and shared, and a weight-cache key as is."""
     flat = _UNIT_AXIS * (3 - geom.ndim)
     for ax in pass_plan(geom, kind).axes:
         flat += [ax.src_len, ax.dst_len, ax.src_stride, ax.dst_stride, len(ax.phases)]
         for ph in ax.phases:
             flat += [ph.residue, ph.num_out, ph.num_taps, *ph.taps, *ph.offsets]
-    return flat
+    return tuple(flat)
 
 
-def forward_plan(geom: Geometry) -> list[int]:
+def forward_plan(geom: Geometry) -> tuple[int, ...]:
     return encode_plan(geom, "forward")
 
 
-def grad_input_plan(geom: Geometry) -> list[int]:
+def grad_input_plan(geom: Geometry) -> tuple[int, ...]:
     return encode_plan(geom, "grad_input")
 
 
@@ -188,7 +188,7 @@ def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reu
     last_method["dgrad" if swap else "fwd"] = m
     if not reuse:
         return m, weight.to(cdt), []
-    key = ("cpp", swap, tuple(weight.shape), tuple(plan), groups, m,
+    key = ("cpp", swap, weight.shape, plan, groups, m,
            src.shape[1] > 1 and src.stride(1) == 1, cdt)
 
     def make(_):

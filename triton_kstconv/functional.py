@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import engines, ops
-from .epilogue import parse_activation
+from . import config, engines, ops
+from .epilogue import Activation, parse_activation
 from .geometry import ConvArgumentError, make_geometry, normalize_params
 
 BACKENDS = engines.NAMES
@@ -33,10 +33,37 @@ def _check_tensor(name: str, t, allow_none=False):
                         f"float64), got {t.dtype}")
 
 
-def conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None = None,
-                   stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                   activation=None, backend: str | None = None) -> Tensor:
-    """n-d transposed convolution; see ``conv_transpose2d``."""
+# What the checks concluded for a call signature (shapes, dtypes, devices, arguments, knobs):
+# a layer called again with the same signature skips them (they were a third of a small layer's
+# per-call cost). Only signatures whose every argument hashes without loss are kept: ints,
+# tuples of ints, an activation's name (a bool, which equals 1, never passes for an int).
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
+def _exact(v) -> bool:
+    return type(v) is int or (type(v) is tuple and all(type(e) is int for e in v))
+
+
+def _signature(ndim, input, weight, bias, stride, padding, output_padding, groups, dilation,
+               activation, backend):
+    """The call's cache key, or None where it cannot be one (any argument of another kind)."""
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor)
+            and (bias is None or isinstance(bias, Tensor))
+            and all(_exact(v) for v in (stride, padding, output_padding, groups, dilation))
+            and (activation is None or type(activation) is str
+                 or isinstance(activation, Activation))
+            and (backend is None or type(backend) is str)):
+        return None
+    b = None if bias is None else (bias.shape, bias.dtype, bias.device)
+    return (ndim, input.shape, input.dtype, input.device, weight.shape, weight.dtype,
+            weight.device, b, stride, padding, output_padding, groups, dilation, activation,
+            backend, config.knobs())
+
+
+def _check_call(ndim, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                activation, backend):
+    """Every argument check, as PyTorch makes them; returns (conv, activation, engine name)."""
     name = f"conv_transpose{ndim}d"
     _check_tensor("input", input)
     _check_tensor("weight", weight)
@@ -66,38 +93,61 @@ def conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None
         raise ConvArgumentError(
             f"Given groups={g}, expected weight to be divisible by {g} at dimension 0, but got "
             f"weight of size {list(weight.shape)} instead")
-    batched = input.dim() == ndim + 2
-    x = input if batched else input.unsqueeze(0)
-    if x.shape[1] != weight.shape[0]:
+    shape = input.shape if input.dim() == ndim + 2 else (1, *input.shape)
+    if shape[1] != weight.shape[0]:
         raise ConvArgumentError(
             f"Given transposed=1, weight of size {list(weight.shape)}, expected input"
-            f"{list(x.shape)} to have {weight.shape[0]} channels, but got {x.shape[1]} channels "
+            f"{list(shape)} to have {weight.shape[0]} channels, but got {shape[1]} channels "
             "instead")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[1] * g):
         raise ConvArgumentError(
             f"Given transposed=1, weight of size {list(weight.shape)}, expected bias to be "
             f"1-dimensional with {weight.shape[1] * g} elements, but got bias of size "
             f"{list(bias.shape)} instead")
-    if x.shape[0] > 0 and x.shape[1] > 0 and any(s == 0 for s in x.shape[2:]):
+    if shape[0] > 0 and shape[1] > 0 and any(s == 0 for s in shape[2:]):
         raise ConvArgumentError(
             f"Only zero batch or zero channel inputs are supported, but got input shape: "
-            f"{list(x.shape)}")
+            f"{list(shape)}")
     if any(k == 0 for k in weight.shape[2:]):
         raise ConvArgumentError(f"{name}: kernel size must be positive, got weight of size "
                                 f"{list(weight.shape)}")
-    make_geometry(params, list(x.shape[2:]), list(weight.shape[2:]))  # output size check
+    make_geometry(params, list(shape[2:]), list(weight.shape[2:]))  # output size check
     act = parse_activation(activation)
-    engine = resolve_backend(backend, x.device)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+    engine = resolve_backend(backend, input.device)
+    conv = (params.stride, params.padding, params.output_padding, g, params.dilation)
+    return conv, act, engine   # tuples only: shared by every call with the signature
+
+
+def conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None = None,
+                   stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                   activation=None, backend: str | None = None) -> Tensor:
+    """n-d transposed convolution; see ``conv_transpose2d``."""
+    args = (ndim, input, weight, bias, stride, padding, output_padding, groups, dilation,
+            activation, backend)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _signature(*args)
+    try:
+        checked = _CHECKED.get(key) if key is not None else None
+    except TypeError:   # symbolic sizes (make_fx, fake tensors with a shape env): not hashable
+        key = checked = None
+    if checked is None:
+        checked = _check_call(*args)
+        if key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = checked
+    conv, act, engine = checked
+    batched = input.dim() == ndim + 2
+    x = input if batched else input.unsqueeze(0)
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+        bias is not None and bias.requires_grad))
     keep_pre = act.needs_preactivation and wants_grad
-    conv = (list(params.stride), list(params.padding), list(params.output_padding), g,
-            list(params.dilation))
-    if torch.compiler.is_compiling():   # traced: the registered op (fake impl, autograd formula)
+    if compiling:   # traced: the registered op (fake impl, autograd formula)
         out, _ = ops.conv_transpose(x, weight, bias, *conv, act.name or "", act.param, keep_pre,
                                     engine, not wants_grad)
-    else:                               # eager: the same engines, less dispatch
-        out = ops.conv_transpose_eager(x, weight, bias, conv, act, keep_pre, engine)
+    else:           # eager: the same engines, less dispatch
+        out = ops.conv_transpose_eager(x, weight, bias, conv, act, keep_pre, engine,
+                                       wants_grad)
     return out if batched else out.squeeze(0)
 
 

@@ -52,13 +52,13 @@ def _empty(shape, like: Tensor, fmt) -> Tensor:
 def _forward_impl(x, weight, bias, conv, act: Activation, keep_pre, backend, state):
     """``state``: None for a pass that records no graph (the engine may reuse a packed weight
     across calls, weight_cache.py), else a dict that the engine fills with what this pass's
-    own backward may reuse (the weight packed for grad_input, made with the forward's pack)."""
+    own backward may reuse (the weight packed for grad_input, made with the forward's pack).
+    Returns ``(out, pre)``, ``pre`` None unless ``keep_pre``."""
     geom = geometry_of(x.shape[2:], weight.shape[2:], *conv)
     out, pre = engine(backend).forward(x, weight, bias, geom, act, keep_pre, state)
     fmt = output_memory_format(geom.ndim, x, weight)
     out = out.contiguous(memory_format=fmt)
-    pre = pre.contiguous(memory_format=fmt) if keep_pre else x.new_empty(0)
-    return out, pre
+    return out, (pre.contiguous(memory_format=fmt) if keep_pre else None)
 
 
 def _grad_input_impl(grad, weight, in_size, conv, backend, state=None):
@@ -151,12 +151,13 @@ def _named(name: str):
     return _NOT_PROFILING
 
 
-def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend):
-    """Eager: through the autograd Function where a graph is recorded, else straight to the
-    engine (which may then reuse the weight packed by an earlier call)."""
+def conv_transpose_eager(x, weight, bias, conv, act: Activation, keep_pre, backend,
+                         records_graph: bool):
+    """Eager: through the autograd Function where a graph is recorded (``records_graph``: grad
+    mode on and an argument that requires grad), else straight to the engine (which may then
+    reuse the weight packed by an earlier call)."""
     with _named("kstconv::conv_transpose"):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, bias)):
+        if records_graph:
             return _EagerConvTranspose.apply(x, weight, bias, conv, act, keep_pre, backend)
         return _forward_impl(x, weight, bias, conv, act, False, backend, None)[0]
 
@@ -170,8 +171,9 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
     """``reuse_packed``: the pass records no graph, so the engine may reuse a weight packed by
     an earlier call (weight_cache.py)."""
     conv = (stride, padding, output_padding, groups, dilation)
-    return _forward_impl(x, weight, bias, conv, Activation(act or None, act_param), keep_pre,
-                         backend, None if reuse_packed else {})
+    out, pre = _forward_impl(x, weight, bias, conv, Activation(act or None, act_param), keep_pre,
+                             backend, None if reuse_packed else {})
+    return out, (pre if keep_pre else x.new_empty(0))
 
 
 @conv_transpose.register_fake

@@ -63,13 +63,16 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
   // grad_input of a layer with a handful of output channels (RGB heads, FSRCNN's 1, a few
   // classes): each grad_input element sums C_out x k^d products, too few for a GEMM's tiles.
-  // The direct path won up to 4 channels and 81 taps a channel, grad_input side by side, ms:
+  // The direct path won up to 4 channels and 81 products an element, grad_input side by side,
+  // ms (2 threads):
   // DCGAN 64-3 at batch 64 5.5 vs 7.2 (oneDNN 4.5), pix2pix 128-3 2.1 vs 3.1 (1.6), FSRCNN
   // 56-1 k9 s2-4 0.33-0.39 vs 0.55-0.64 (0.64-0.86), 64-2 at batch 8 1.3 vs 2.6, 1-D 64-1 k4s2
   // 1.2 vs 4.6, 3-D k2s2 32-1 1.1 vs 2.3; it tied at 8 channels, lost at 16, and lost 3-D
-  // k4s2 32-3 (192 taps, 10.7 vs 9.8).
-  if (swap && groups == 1 && Csrc_g <= 4 && Csrc_g * kk[0] * kk[1] * kk[2] <= 128 &&
-      src.scalar_type() == at::kFloat)
+  // k4s2 32-3 (192 products, 10.7 vs 9.8). It splits work by image and block of 4 input
+  // channels only, so it needs at least one block a thread, and AVX2.
+  if (swap && groups == 1 && Csrc_g <= 4 && Csrc_g * kk[0] * kk[1] * kk[2] <= 81 &&
+      src.scalar_type() == at::kFloat && have_avx2() &&
+      dst.size(0) * ceil_div(Cdst_g, kDirectBlock) >= at::get_num_threads())
     return kDirect;
   const bool brg = src.scalar_type() == at::kFloat && blas().brgemm;
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
@@ -137,7 +140,7 @@ const char* method_name(int m) {
     case kImplicitKM: return "4 (implicit GEMM, KM)";
     case kPatchBrgemm: return "5 (patch matrix x brgemm)";
     case kStreamWeight: return "6 (weight streaming)";
-    case kDirect: return "7 (direct, depthwise)";
+    case kDirect: return "7 (direct)";
     default: return "unknown";
   }
 }
@@ -161,6 +164,9 @@ Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
     why = "serves grad_input only";
   else if (forced == kDirect && groups == 1 && !swap)
     why = "serves grouped layers only (groups > 1) in the forward";
+  else if (forced == kDirect && groups == 1 && src.size(1) > kDirectMaxChannels)
+    why = "sums at most 16 grad_out channels in an ungrouped grad_input (it copies them all "
+          "per image and thread)";
   TORCH_CHECK(why == nullptr, "kstconv: method ", method_name(forced), " cannot run this ",
               swap ? "grad_input" : "forward", ": it ", why);
   return Method(forced);
@@ -252,7 +258,7 @@ bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::
   // does it in less (training step, k4s2p1 from 1x1, batch 1: 512-512 3.2 vs 5.5 ms, 1024-512
   // 6.1 vs 8.2, 256-256 0.75 vs 1.33, 128-128 0.44 vs 0.63; batch 2 512-512 5.6 vs 6.1; at 4
   // pixels the two tied and at 2x2 the separate passes won, 7.0 vs 7.3).
-  if (rows <= 2) return true;
+  if (rows <= 2 && groups == 1) return true;
   return Cin_g >= 512 && K >= 2048 && rows >= 128;
 }
 

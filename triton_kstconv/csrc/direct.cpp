@@ -1,6 +1,7 @@
 // Direct strategy (method 7, grad_weight method 4) for grouped layers of few channels
-// (depthwise, channel multipliers, groups of up to 16): each destination element sums over a
-// handful of source channels, so there is no GEMM worth forming (a GEMM library sees matrices of
+// (depthwise, channel multipliers, groups of up to 16), and for grad_input of layers with a
+// handful of output channels (RGB heads): each destination element sums over a handful of
+// source channels, so there is no GEMM worth forming (a GEMM library sees matrices of
 // width 1-16) and the layer is bound by memory. Destination volumes are computed from their
 // group's source volumes directly, vectorised along w:
 //   - per (image, group), each source volume is copied once into a zero-padded volume split

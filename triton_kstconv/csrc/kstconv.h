@@ -67,7 +67,7 @@ enum Method : int {
   kImplicitKM = 4,     // implicit GEMM, brgemm tiles [c_dst x c_src], the source read in place
   kPatchBrgemm = 5,    // phase patch matrix (channels-last) x brgemm tiles
   kStreamWeight = 6,   // grad_input reading the weight once, in place (weight-heavy layers)
-  kDirect = 7,         // depthwise / few-channel groups: rows computed directly, no GEMM
+  kDirect = 7,         // depthwise / few-channel groups, grad_input of few output channels: no GEMM
 };
 enum WgradMethod : int {
   kAutoWgrad = 0,
