@@ -197,3 +197,20 @@ def test_profiler_names_the_op(backend):
     names = [e.name for e in prof.events()]
     assert names.count("kstconv::conv_transpose") == 2
     assert names.count("kstconv::conv_transpose_backward") == 1
+
+
+def test_torch_engine_traces_with_fake_tensors_between_real_calls():
+    """make_fx's symbolic tracing runs the torch engine on fake tensors: its per-device tap
+    indices, kept from real calls, must not meet them, and none made while tracing may be kept
+    for the real calls after (both failed: a real index tensor in a fake op, or the reverse)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    f = lambda x, w: K.conv_transpose2d(x, w, stride=2, padding=1, backend="torch")  # noqa: E731
+    x, w = torch.randn(1, 4, 5, 6), torch.randn(4, 3, 4, 4)
+    ref = torch.nn.functional.conv_transpose2d(x, w, stride=2, padding=1)
+    torch.testing.assert_close(f(x, w), ref)                         # real: indices kept
+    traced = make_fx(f, tracing_mode="symbolic")(x, w)
+    torch.testing.assert_close(traced(x, w), ref)
+    x2, w2 = torch.randn(2, 4, 7, 3), torch.randn(4, 5, 4, 4)        # new shapes: new indices
+    make_fx(f, tracing_mode="symbolic")(x2, w2)                       # made while tracing
+    torch.testing.assert_close(f(x2, w2), torch.nn.functional.conv_transpose2d(
+        x2, w2, stride=2, padding=1))

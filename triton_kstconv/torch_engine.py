@@ -11,6 +11,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import buffers, epilogue
 from .geometry import AxisPhase, Geometry, Phase
@@ -55,15 +56,23 @@ def _phase_slices(phase: Phase):
 
 
 @functools.lru_cache(maxsize=1024)
-def _taps(taps: tuple, device: torch.device) -> torch.Tensor:
-    """A phase's tap indices on ``device`` (made once: no host copy per call)."""
+def _cached_taps(taps: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(taps, dtype=torch.long, device=device)
+
+
+def _taps(taps: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A phase's tap indices on ``like``'s device, made once per device (no host copy per call).
+    Tracing with fake tensors (make_fx) makes its own: a kept real tensor cannot mix with fake
+    ones, and a fake one must not be kept for the real calls after the trace."""
+    if is_fake(like):
+        return torch.tensor(taps, dtype=torch.long, device=like.device)
+    return _cached_taps(taps, like.device)
 
 
 def _sub_kernel(weight: torch.Tensor, phase: Phase) -> torch.Tensor:
     sub = weight
     for ax, ap in enumerate(phase.axes):
-        sub = sub.index_select(2 + ax, _taps(ap.taps, weight.device))
+        sub = sub.index_select(2 + ax, _taps(ap.taps, weight))
     return sub.flip(list(range(2, 2 + len(phase.axes))))
 
 
@@ -116,6 +125,6 @@ def grad_weight(x, grad, weight_shape, geom: Geometry, dtype):
             gph.contiguous(), xp, wc, None, [1] * nd, [0] * nd, list(dil), False, [0] * nd, g,
             [False, True, False])[1]
         sub = _from_conv_weight(gwc, g).flip(list(range(2, 2 + nd)))
-        idx = torch.meshgrid(*[_taps(ap.taps, x.device) for ap in phase.axes], indexing="ij")
+        idx = torch.meshgrid(*[_taps(ap.taps, x) for ap in phase.axes], indexing="ij")
         dw[(slice(None), slice(None)) + tuple(idx)] = sub
     return dw
