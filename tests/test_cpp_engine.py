@@ -8,7 +8,7 @@ import torch
 from triton_kstconv import cpp_engine, epilogue
 from triton_kstconv.epilogue import parse_activation
 from triton_kstconv.ops import geometry_of
-from cases import BY_NAME, GROUPED_BLOCKS
+from cases import BY_NAME, GROUPED_BLOCKS, _c
 from conftest import assert_close, make_case, reduction_length, reference
 
 NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
@@ -306,11 +306,7 @@ def test_joint_backward_rule_and_threads(knobs, threads):
     """The rules take the joint pass for a layer with channels and rows enough while the
     threads fit its fixed ranges, and leave it to the separate passes (which use every thread)
     beyond; forced, it still runs."""
-    from types import SimpleNamespace
-    c = SimpleNamespace(nd=2, groups=1, c_in=32, c_out=16, kernel=(4, 4), stride=(2, 2),
-                        padding=(1, 1), output_padding=(0, 0), dilation=(1, 1), size=(6, 10))
-    c.conv = dict(stride=c.stride, padding=c.padding, output_padding=(0, 0), groups=1,
-                  dilation=(1, 1))
+    c = _c("joint_rule", 2, 2, 32, 16, (6, 10), 4, 2, 1)
     xf, wf, gf, refs, _ = _joint_case(c, 2, c.size, False)
     for n, mode, runs in ((2, -1, True), (4, -1, True), (5, -1, False), (8, 1, True)):
         threads(n)
@@ -392,13 +388,8 @@ def test_patch_backward_deterministic(knobs):
 def _patch_rule_case(c_in, c_out, size, batch, groups=1):
     """Runs the rules' backward on a k4s2p1 layer; returns which path ran, after checking the
     gradients against float64."""
-    from types import SimpleNamespace
     nd = len(size)
-    c = SimpleNamespace(nd=nd, c_in=c_in, c_out=c_out, groups=groups, size=size,
-                        kernel=(4,) * nd, stride=(2,) * nd, padding=(1,) * nd,
-                        output_padding=(0,) * nd, dilation=(1,) * nd)
-    c.conv = dict(stride=c.stride, padding=c.padding, output_padding=c.output_padding,
-                  groups=groups, dilation=c.dilation)
+    c = _c("patch_rule", nd, batch, c_in, c_out, size, 4, 2, 1, g=groups)
     xf, wf, gf, refs, y = _joint_case(c, batch, size, False)
     got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
     path = cpp_engine.last_method["backward"]

@@ -183,8 +183,8 @@ def _conv(mod, src, weight, dst, plan, groups: int, swap: bool, method: int, reu
     ``reuse`` (a pass that records no graph) made once per weight version (weight_cache),
     else left to conv() itself. Returns (method, weight in the compute dtype, prepared)."""
     cdt = dst.dtype
-    m = mod.conv_method(src, _shape_only(tuple(weight.shape), cdt), dst, plan, groups, swap,
-                        method, not reuse)
+    m = mod.conv_method(src, _shape_only(weight.shape, cdt), dst, plan, groups, swap, method,
+                        not reuse)
     last_method["dgrad" if swap else "fwd"] = m
     if not reuse:
         return m, weight.to(cdt), []

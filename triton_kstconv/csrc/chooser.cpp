@@ -63,9 +63,8 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
   // grad_input of a layer with a handful of output channels (RGB heads, FSRCNN's 1, a few
   // classes): each grad_input element sums C_out x k^d products, too few for a GEMM's tiles.
-  // The direct path won up to 4 channels and 81 products an element, grad_input side by side,
-  // ms (2 threads):
-  // DCGAN 64-3 at batch 64 5.5 vs 7.2 (oneDNN 4.5), pix2pix 128-3 2.1 vs 3.1 (1.6), FSRCNN
+  // The direct path won up to 4 channels and 81 products an element (grad_input side by side,
+  // ms, 2 threads): DCGAN 64-3 at batch 64 5.5 vs 7.2 (oneDNN 4.5), pix2pix 128-3 2.1 vs 3.1 (1.6), FSRCNN
   // 56-1 k9 s2-4 0.33-0.39 vs 0.55-0.64 (0.64-0.86), 64-2 at batch 8 1.3 vs 2.6, 1-D 64-1 k4s2
   // 1.2 vs 4.6, 3-D k2s2 32-1 1.1 vs 2.3; it tied at 8 channels, lost at 16, and lost 3-D
   // k4s2 32-3 (192 products, 10.7 vs 9.8). It splits work by image and block of 4 input
