@@ -522,6 +522,47 @@ def test_direct_row_kernel(case, act, keep_pre):
             assert_close(pre, ref_pre, torch.float32, kk)
 
 
+# (nd, size, kernel, stride, padding, output_padding, groups, channels_last)
+WHOLE_ROW_CASES = [
+    (2, (8, 8), 4, 2, 1, 0, 1, False),     # DCGAN's k4s2p1: rows of 8, padded on both sides
+    (2, (6, 5), 3, 2, 1, 1, 1, False),     # phases of 5 and 6 pixels, h classes at the border
+    (2, (7, 6), 5, 3, 2, 2, 1, False),     # three phases, taps clipped at the h borders
+    (2, (5, 9), 3, 1, 1, 0, 1, False),     # stride 1: one phase
+    (2, (6, 6), 2, 2, 0, 0, 2, False),     # k2s2, two groups: pixel step past the group
+    (2, (6, 7), 2, 2, 0, 0, 1, True),      # k2s2 from a channels-last source read in place
+    (3, (3, 4, 5), 2, 2, 0, 0, 1, False),  # 3-D U-Net's k2s2
+    (3, (4, 3, 4), 4, 2, 1, 0, 1, False),  # 3-D k4s2p1: d classes too
+]
+
+
+@pytest.mark.parametrize("case", WHOLE_ROW_CASES, ids=str)
+@pytest.mark.parametrize("act", [None, "relu"], ids=str)
+def test_implicit_whole_rows(case, act):
+    """Implicit GEMM's whole-row tiles (a tile spans rows shorter than it, the pixels between
+    rows computed and dropped) and one row a tile, both against PyTorch, with the pre-activation
+    kept: the counter says which ran."""
+    nd, size, k, s, p, op, groups, cl = case
+    kk, ss, pp, oo, dd = (k,) * nd, (s,) * nd, (p,) * nd, (op,) * nd, (1,) * nd
+    x, w, b = make_case(nd, 3, 6 * groups, 5 * groups, groups, size, kk, ss, pp, oo, dd, True,
+                        torch.float32, seed=5)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geom = geometry_of(size, kk, ss, pp, oo, groups, dd)
+    a = parse_activation(act)
+    ref_pre = reference(x, w, b, nd, stride=ss, padding=pp, output_padding=oo, groups=groups)
+    ref = epilogue.apply(ref_pre, a)
+    mod = cpp_engine.load()
+    for whole_rows in (1, 0):
+        runs = mod.implicit_whole_row_runs()
+        with cpp_engine.tuning(whole_rows=whole_rows):
+            out, pre = _forced("fwd", 3, lambda: cpp_engine.forward(x, w, b, geom, a, True,
+                                                                    method=3))
+        assert mod.implicit_whole_row_runs() - runs == whole_rows
+        red = reduction_length(6 * groups, groups, kk, ss)
+        assert_close(out, ref, torch.float32, red)
+        assert_close(pre, ref_pre, torch.float32, red)
+
+
 @pytest.mark.parametrize("why", ["float64", "channels_last", "taps", "grouped", "3d"])
 def test_direct_row_kernel_declines(why):
     """Layers the row kernel does not serve go to the general direct path (and are right)."""

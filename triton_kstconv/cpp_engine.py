@@ -117,7 +117,8 @@ def tuning(**values):
     cols_cap, item_pixels, gemm_first_cap, brg_rows, brg_cols; l2_bytes, the cache size the
     forward's rule compares weight panels with; stream_bytes, the destination size from which
     the direct strategy writes with non-temporal stores; row_kernel (1 or 0), whether the direct
-    forward takes its row kernel where it applies."""
+    forward takes its row kernel where it applies; whole_rows (1 or 0), whether implicit GEMM's
+    tiles may span rows shorter than a tile."""
     mod = load()
     saved = dict(mod.get_tuning())
     mod.set_tuning(values)

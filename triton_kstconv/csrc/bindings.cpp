@@ -41,9 +41,9 @@ std::map<std::string, bool> gemm_paths() {
 void set_tuning(const std::map<std::string, i64>& values) {
   Tuning& t = tuning();
   for (const auto& [key, v] : values) {
-    if (key == "row_kernel") {   // a switch, not a size
-      TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value row_kernel=", v, " must be 0 or 1");
-      t.row_kernel = v;
+    if (key == "row_kernel" || key == "whole_rows") {   // switches, not sizes
+      TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value ", key, "=", v, " must be 0 or 1");
+      (key == "row_kernel" ? t.row_kernel : t.whole_rows) = v;
       continue;
     }
     TORCH_CHECK(v >= 1, "kstconv: tuning value ", key, "=", v, " must be positive");
@@ -63,7 +63,8 @@ std::map<std::string, i64> get_tuning() {
   return {{"cols_cap", t.cols_cap}, {"item_pixels", t.item_pixels},
           {"gemm_first_cap", t.gemm_first_cap}, {"brg_rows", t.brg_rows},
           {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
-          {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel}};
+          {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel},
+          {"whole_rows", t.whole_rows}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
@@ -290,6 +291,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_paths", &kst::gemm_paths, "which GEMMs were found in libtorch_cpu");
   m.def("set_tuning", &kst::set_tuning, "work-item sizes (tests)");
   m.def("get_tuning", &kst::get_tuning, "work-item sizes");
+  m.def("implicit_whole_row_runs", [] { return kst::implicit_whole_row_runs().load(); },
+        "passes of implicit GEMM (MK) that took whole-row tiles");
   m.def("row_kernel_runs", [] { return kst::row_kernel_runs().load(); },
         "passes the direct forward's row kernel ran (tests)");
   m.def("conv_method", py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&,

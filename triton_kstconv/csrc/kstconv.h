@@ -91,6 +91,8 @@ struct Tuning {
                                     // non-temporal stores (far larger than the caches)
   i64 row_kernel = 1;               // direct forward: 1 takes its row kernel where it applies,
                                     // 0 the general path (tests run both)
+  i64 whole_rows = 1;               // implicit MK: 1 lets a tile span rows shorter than it, 0
+                                    // keeps every tile in one row (tests run both)
 };
 Tuning& tuning();
 

@@ -19,6 +19,9 @@ void conv_patch(const at::Tensor& src, const at::Tensor& weight, const at::Tenso
 void conv_implicit(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
                    at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, bool swap,
                    int act, double slope, bool km, at::Tensor packed);
+// How many passes of conv_implicit took whole-row tiles (MK, rows shorter than a tile): the
+// tests' check that they ran.
+std::atomic<i64>& implicit_whole_row_runs();
 // method 2 (forward only); `weight` in its own layout
 void conv_gemm_first(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
                      at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, int act,
