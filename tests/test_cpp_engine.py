@@ -625,6 +625,28 @@ def test_grad_weight_rule_grouped(cin_g, groups, expect):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("nd,c_out,method", [(2, 64, 3), (2, 128, 1), (3, 64, 3), (3, 128, 1)],
+                         ids=str)
+def test_grad_input_rule_kernel_equals_stride(nd, c_out, method):
+    """grad_input of a k2s2 layer (U-Net decoders) of at least 1024 input pixels: the patch
+    matrix (grad_out rearranged, one dense GEMM) from 128 grad_out channels, implicit GEMM
+    below. Either way PyTorch's values."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+    size = {2: (32, 33), 3: (8, 10, 13)}[nd]   # rows of more than 8 pixels
+    k = (2,) * nd
+    x, w, _ = make_case(nd, 1, 8, c_out, 1, size, k, k, (0,) * nd, (0,) * nd, (1,) * nd, False,
+                        torch.float64)
+    xr = x.clone().requires_grad_()
+    y = reference(xr, w, None, nd, stride=k)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx = cpp_engine.grad_input(g.float(), w.float(), geometry_of(size, k, k, (0,) * nd,
+                                                                 (0,) * nd, 1, (1,) * nd))
+    assert cpp_engine.last_method["dgrad"] == method, cpp_engine.last_method
+    assert_close(dx, xr.grad, torch.float32, reduction_length(c_out, 1, k, k))
+
+
 @pytest.mark.parametrize("nd,c_out,k,dtype,n_threads,direct", [
     (2, 3, 4, torch.float32, 2, True), (2, 1, 9, torch.float32, 2, True),
     (1, 4, 16, torch.float32, 2, True), (3, 1, 2, torch.float32, 2, True),

@@ -127,7 +127,11 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   // k16s8 20 vs 40, pix2pix 512-128 at 32x32 22 vs 26 (HiFi-GAN 64-32 k4s2, a 32 KiB panel:
   // implicit GEMM 10.7 vs 12.7)
   if (panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
-  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024)) return kPatchBlas;
+  // k == s (U-Net's k2s2) and at least 1024 input pixels: the patch matrix is grad_out
+  // rearranged, one dense GEMM; it won from 128 grad_out channels, implicit GEMM below (grad_input side by side, patch / implicit, ms):
+  // U-Net 1024-512@16 11.0 / 19.2, 512-256@32 10.5 / 13.8, 256-128@64 9.8 / 10.3, 128-64@128
+  // 11.4 / 9.4; 3D U-Net 256-128@16 41.8 / 40.0, 128-64@32 96.4 / 80.6, 64-32@64 325 / 203
+  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024 && Csrc_g >= 128)) return kPatchBlas;
   return kImplicitMK;
 }
 
