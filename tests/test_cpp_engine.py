@@ -606,6 +606,26 @@ def test_patch_backward_rejects_inconsistent_arguments():
         mod.patch_backward(x5, g5[..., :-2, :-2], w5, torch.empty_like(x5), None, None, gi, 1)
 
 
+@pytest.mark.parametrize("c_in,c_out,expect", [(16, 16, 3), (8, 4, 3), (4, 16, 3), (21, 21, 3),
+                                               (64, 3, 2), (32, 1, 2)])
+def test_grad_weight_rule_few_channels(c_in, c_out, expect):
+    """grad_weight's rule for ungrouped 2-D layers of few channels: brgemm from 4 input and 4
+    output channels (FCN's 21 classes, small decoders), GEMM first for 1-3 output channels (RGB
+    and grey heads); either way the sums are PyTorch's."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+    x = torch.randn(2, c_in, 9, 7)
+    w = torch.randn(c_in, c_out, 4, 4)
+    geom = geometry_of(x.shape[2:], (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    xr, wr = x.double(), w.double().requires_grad_()
+    y = torch.nn.functional.conv_transpose2d(xr, wr, None, 2, 1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
+    assert cpp_engine.last_method["wgrad"] == expect
+    assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+
+
 @pytest.mark.parametrize("cin_g,groups,expect", [(1, 16, 4), (8, 4, 4), (4, 8, 4), (16, 2, 3)])
 def test_grad_weight_rule_grouped(cin_g, groups, expect):
     """grad_weight's rule for grouped layers: the direct dot products up to 8 input channels a

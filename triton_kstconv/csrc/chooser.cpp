@@ -210,10 +210,18 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   // grouped layers of 16-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
   // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;
-  if (heavy || Cout_g <= 8 || in_img <= 4) return kWgradGemmFirst;
-  // 1-D layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2;
-  // 512-256 and the k4s2 layers within noise)
-  if (brg && Cin_g >= 32 && !(k_eq_s && in_img >= 8192) && !one_d) return kWgradBrgemm;
+  if (heavy || in_img <= 4) return kWgradGemmFirst;
+  // brgemm from 4 input and 4 output channels: it won on few channels too (grad_weight side by
+  // side, brgemm / the rule's choice before, ms): FCN 21-21 k16s8 2.3 / 5.6, k4s2 0.21 / 0.36,
+  // 16-16@64 k4s2 batch 4 1.35 / 3.4 (oneDNN 1.9), 16-32@32 k3s2 0.83 / 1.8, 8-4@64 0.32 /
+  // 0.63, 32-4@64 0.98 / 1.29, 4-16@64 1.24 / 1.53; with 1-3 output channels GEMM first won
+  // (DCGAN 64-3 1.5 / 1.2, FSRCNN 56-1 1.7 / 0.87, pix2pix 128-3 3.1 / 2.2). 1-D layers: brgemm
+  // lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2; 512-256 and the k4s2
+  // layers within noise); k == s over 8192 pixels: GEMM first (16-16 k2s2 at 128x128 1.03 /
+  // 1.25).
+  if (brg && Cin_g >= 4 && Cout_g >= 4 && !(k_eq_s && in_img >= 8192) && !one_d)
+    return kWgradBrgemm;
+  if (Cout_g <= 8) return kWgradGemmFirst;
   return c.b < c.a ? kWgradGemmFirst : kWgradPatch;
 }
 
