@@ -537,10 +537,12 @@ WHOLE_ROW_CASES = [
 
 @pytest.mark.parametrize("case", WHOLE_ROW_CASES, ids=str)
 @pytest.mark.parametrize("act", [None, "relu"], ids=str)
-def test_implicit_whole_rows(case, act):
+def test_implicit_whole_rows(case, act, threads):
     """Implicit GEMM's whole-row tiles (a tile spans rows shorter than it, the pixels between
     rows computed and dropped) and one row a tile, both against PyTorch, with the pre-activation
-    kept: the counter says which ran."""
+    kept: the counter says which ran. Two threads: the path needs 4 items a thread, and with
+    many threads the blocks shrink to one row."""
+    threads(2)
     nd, size, k, s, p, op, groups, cl = case
     kk, ss, pp, oo, dd = (k,) * nd, (s,) * nd, (p,) * nd, (op,) * nd, (1,) * nd
     x, w, b = make_case(nd, 3, 6 * groups, 5 * groups, groups, size, kk, ss, pp, oo, dd, True,

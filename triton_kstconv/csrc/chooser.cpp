@@ -61,14 +61,14 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   // implicit GEMM, grad_input 12.5 vs 24); at 32 the two tied.
   if (groups > 1 && Csrc_g <= kDirectMaxChannels) return kDirect;
   const i64 kk[3] = {weight.size(2), weight.size(3), weight.size(4)};
-  // grad_input of a layer with a handful of output channels (RGB heads, FSRCNN's 1, a few
-  // classes): each grad_input element sums C_out x k^d products, too few for a GEMM's tiles.
-  // The direct path won up to 4 channels and 81 products an element (grad_input side by side,
-  // ms, 2 threads): DCGAN 64-3 at batch 64 5.5 vs 7.2 (oneDNN 4.5), pix2pix 128-3 2.1 vs 3.1 (1.6), FSRCNN
-  // 56-1 k9 s2-4 0.33-0.39 vs 0.55-0.64 (0.64-0.86), 64-2 at batch 8 1.3 vs 2.6, 1-D 64-1 k4s2
-  // 1.2 vs 4.6, 3-D k2s2 32-1 1.1 vs 2.3; it tied at 8 channels, lost at 16, and lost 3-D
-  // k4s2 32-3 (192 products, 10.7 vs 9.8). It splits work by image and block of 4 input
-  // channels only, so it needs at least one block a thread, and AVX2.
+  // grad_input of a layer with a handful of output channels (RGB heads, FSRCNN's 1, a few classes):
+  // each grad_input element sums C_out x k^d products, too few for a GEMM's tiles. The direct path
+  // won up to 4 channels and 81 products an element (grad_input side by side, ms, 2 threads): DCGAN
+  // 64-3 at batch 64 5.5 vs 7.2 (oneDNN 4.5), pix2pix 128-3 2.1 vs 3.1 (1.6), FSRCNN 56-1 k9 s2-4
+  // 0.33-0.39 vs 0.55-0.64 (0.64-0.86), 64-2 at batch 8 1.3 vs 2.6, 1-D 64-1 k4s2 1.2 vs 4.6, 3-D
+  // k2s2 32-1 1.1 vs 2.3; it tied at 8 channels, lost at 16, and lost 3-D k4s2 32-3 (192 products,
+  // 10.7 vs 9.8). It splits work by image and block of 4 input channels only, so it needs at least
+  // one block a thread, and AVX2.
   if (swap && groups == 1 && Csrc_g <= 4 && Csrc_g * kk[0] * kk[1] * kk[2] <= 81 &&
       src.scalar_type() == at::kFloat && have_avx2() &&
       dst.size(0) * ceil_div(Cdst_g, kDirectBlock) >= at::get_num_threads())
@@ -128,10 +128,12 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   // implicit GEMM 10.7 vs 12.7)
   if (panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
   // k == s (U-Net's k2s2) and at least 1024 input pixels: the patch matrix is grad_out
-  // rearranged, one dense GEMM; it won from 128 grad_out channels, implicit GEMM below (grad_input side by side, patch / implicit, ms):
-  // U-Net 1024-512@16 11.0 / 19.2, 512-256@32 10.5 / 13.8, 256-128@64 9.8 / 10.3, 128-64@128
-  // 11.4 / 9.4; 3D U-Net 256-128@16 41.8 / 40.0, 128-64@32 96.4 / 80.6, 64-32@64 325 / 203
-  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024 && Csrc_g >= 128)) return kPatchBlas;
+  // rearranged, one dense GEMM; in 2-D and 3-D it won from 128 grad_out channels, implicit GEMM
+  // below (grad_input side by side, patch / implicit, ms): U-Net 1024-512@16 11.0 / 19.2,
+  // 512-256@32 10.5 / 13.8, 256-128@64 9.8 / 10.3, 128-64@128 11.4 / 9.4; 3D U-Net 256-128@16
+  // 41.8 / 40.0, 128-64@32 96.4 / 80.6, 64-32@64 325 / 203 (1-D: not measured, kept on the
+  // patch matrix)
+  if (Csrc_g <= 8 || (k_eq_s && out_img >= 1024 && (Csrc_g >= 128 || one_d))) return kPatchBlas;
   return kImplicitMK;
 }
 
@@ -211,15 +213,15 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;
   if (heavy || in_img <= 4) return kWgradGemmFirst;
-  // brgemm from 4 input and 4 output channels: it won on few channels too (grad_weight side by
-  // side, brgemm / the rule's choice before, ms): FCN 21-21 k16s8 2.3 / 5.6, k4s2 0.21 / 0.36,
-  // 16-16@64 k4s2 batch 4 1.35 / 3.4 (oneDNN 1.9), 16-32@32 k3s2 0.83 / 1.8, 8-4@64 0.32 /
-  // 0.63, 32-4@64 0.98 / 1.29, 4-16@64 1.24 / 1.53; with 1-3 output channels GEMM first won
-  // (DCGAN 64-3 1.5 / 1.2, FSRCNN 56-1 1.7 / 0.87, pix2pix 128-3 3.1 / 2.2). 1-D layers: brgemm
-  // lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2; 512-256 and the k4s2
-  // layers within noise); k == s over 8192 pixels: GEMM first (16-16 k2s2 at 128x128 1.03 /
-  // 1.25).
-  if (brg && Cin_g >= 4 && Cout_g >= 4 && !(k_eq_s && in_img >= 8192) && !one_d)
+  // brgemm from 4 input and 4 output channels (ungrouped; grouped layers above): it won on few
+  // channels too (grad_weight side by side, brgemm / the rule's choice before, ms): FCN 21-21 k16s8
+  // 2.3 / 5.6, k4s2 0.21 / 0.36, 16-16@64 k4s2 batch 4 1.35 / 3.4 (oneDNN 1.9), 16-32@32 k3s2 0.83
+  // / 1.8, 8-4@64 0.32 / 0.63, 32-4@64 0.98 / 1.29, 4-16@64 1.24 / 1.53; with 1-3 output channels
+  // GEMM first won (DCGAN 64-3 1.5 / 1.2, FSRCNN 56-1 1.7 / 0.87, pix2pix 128-3 3.1 / 2.2). 1-D
+  // layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2; 512-256 and
+  // the k4s2 layers within noise); k == s over 8192 pixels: GEMM first (16-16 k2s2 at 128x128 1.03
+  // / 1.25).
+  if (brg && groups == 1 && Cin_g >= 4 && Cout_g >= 4 && !(k_eq_s && in_img >= 8192) && !one_d)
     return kWgradBrgemm;
   if (Cout_g <= 8) return kWgradGemmFirst;
   return c.b < c.a ? kWgradGemmFirst : kWgradPatch;

@@ -131,7 +131,7 @@ void conv_implicit(const at::Tensor& src_in, const at::Tensor& weight, const at:
   // 14.8, 256-128@16 35.1 / 42.1; U-Net 512-256@32 12.1 / 13.7; FCN k64s32 18.5 / 20.5.
   const i64 pitch = I.X.st[3] / std::max<i64>(I.X.st[4], 1);
   bool whole_rows = tuning().whole_rows && !km && Aw.a == 1 && Ah.a == 1 &&
-                    pitch * I.X.st[4] == I.X.st[3];
+                    I.X.st[4] == src.size(1) && pitch * I.X.st[4] == I.X.st[3];
   i64 qmax = 0;
   for (size_t r = 0; whole_rows && r < Aw.ph.size(); ++r) {
     const auto& cs = P.cls[2][r];
