@@ -478,6 +478,20 @@ def test_direct_streaming_stores(nd, size, k, s, p, act):
         assert_close(out, ref, torch.float32, reduction_length(1, 1, (k,) * nd, (s,) * nd))
 
 
+def _switch_both_ways(switch, runs, method, call, ref, ref_pre, red):
+    """A float32 forward forced to ``method`` with the tuning switch on, then off: the pass
+    counter ``runs()`` says the switched path ran exactly when on, and both outputs (and the
+    pre-activation, where ``ref_pre`` is given) are PyTorch's."""
+    for on in (1, 0):
+        before = runs()
+        with cpp_engine.tuning(**{switch: on}):
+            out, pre = _forced("fwd", method, call)
+        assert runs() - before == on
+        assert_close(out, ref, torch.float32, red)
+        if ref_pre is not None:
+            assert_close(pre, ref_pre, torch.float32, red)
+
+
 # (nd, size, kernel, stride, padding, output_padding, dilation, channels a group out)
 ROW_KERNEL_CASES = [
     (2, (16, 16), (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1),  # decoders' k4s2p1, rows of 32
@@ -509,17 +523,10 @@ def test_direct_row_kernel(case, act, keep_pre):
     ref_pre = reference(x, w, b, nd, stride=s, padding=p, output_padding=op, groups=groups,
                         dilation=dil)
     ref = epilogue.apply(ref_pre, a)
-    mod = cpp_engine.load()
-    for row_kernel in (1, 0):
-        runs = mod.row_kernel_runs()
-        with cpp_engine.tuning(row_kernel=row_kernel):
-            out, pre = _forced("fwd", 7, lambda: cpp_engine.forward(x, w, b, geom, a, keep_pre,
-                                                                    method=7))
-        assert mod.row_kernel_runs() - runs == row_kernel
-        kk = reduction_length(1, 1, k, s) * math.prod(dil)
-        assert_close(out, ref, torch.float32, kk)
-        if keep_pre:
-            assert_close(pre, ref_pre, torch.float32, kk)
+    _switch_both_ways("row_kernel", cpp_engine.load().row_kernel_runs, 7,
+                      lambda: cpp_engine.forward(x, w, b, geom, a, keep_pre, method=7),
+                      ref, ref_pre if keep_pre else None,
+                      reduction_length(1, 1, k, s) * math.prod(dil))
 
 
 # (nd, size, kernel, stride, padding, output_padding, groups, channels_last)
@@ -553,16 +560,9 @@ def test_implicit_whole_rows(case, act, threads):
     a = parse_activation(act)
     ref_pre = reference(x, w, b, nd, stride=ss, padding=pp, output_padding=oo, groups=groups)
     ref = epilogue.apply(ref_pre, a)
-    mod = cpp_engine.load()
-    for whole_rows in (1, 0):
-        runs = mod.implicit_whole_row_runs()
-        with cpp_engine.tuning(whole_rows=whole_rows):
-            out, pre = _forced("fwd", 3, lambda: cpp_engine.forward(x, w, b, geom, a, True,
-                                                                    method=3))
-        assert mod.implicit_whole_row_runs() - runs == whole_rows
-        red = reduction_length(6 * groups, groups, kk, ss)
-        assert_close(out, ref, torch.float32, red)
-        assert_close(pre, ref_pre, torch.float32, red)
+    _switch_both_ways("whole_rows", cpp_engine.load().implicit_whole_row_runs, 3,
+                      lambda: cpp_engine.forward(x, w, b, geom, a, True, method=3),
+                      ref, ref_pre, reduction_length(6 * groups, groups, kk, ss))
 
 
 @pytest.mark.parametrize("why", ["float64", "channels_last", "taps", "grouped", "3d"])
