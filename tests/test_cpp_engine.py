@@ -162,8 +162,11 @@ def test_grad_weight_methods(name, method, dtype, items):
 
 
 def test_gemm_paths_found():
-    """The GEMMs the engine takes from libtorch_cpu (the CPU wheel this project pins has all)."""
-    assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True}
+    """The GEMMs the engine takes from libtorch_cpu (the CPU wheel this project pins has all),
+    and its own short-dimension GEMMs (AVX2 with FMA, which every machine this project runs on
+    has)."""
+    assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True,
+                                       "skinny": True}
 
 
 def test_stale_build_lock_is_removed(tmp_path):
@@ -434,23 +437,28 @@ def test_forward_rule_weight_panel_past_l2():
         assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
 
 
-def test_forward_rule_weight_packed_per_call():
-    """A weight-heavy layer (a big weight, a few pixels): with no graph its weight is packed once
-    (cached) for the patch matrix x BLAS; in a pass that records a graph (training: the weight
-    changes every step, so it would be packed on every call) GEMM first reads it as it is."""
-    if not cpp_engine.gemm_paths()["brgemm"]:
-        pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+@pytest.mark.parametrize("size,no_graph,graph", [((4, 4), 2, 2), ((2, 2), 2, 2), ((1, 1), 5, 2),
+                                                 ((8, 8), 1, 1)], ids=str)
+def test_forward_rule_weight_heavy(size, no_graph, graph):
+    """A weight-heavy layer (a big weight, a few pixels): up to 32 pixels GEMM first, which
+    streams the weight once, in place (gemm_short_m); from a 1x1 input, where 3 of 4 of its
+    products fall outside the output, the patch matrix x brgemm with the weight packed once
+    (cached) when no graph is recorded, and GEMM first in a pass that records one (training: the
+    weight changes every step, so it would be packed on every call); with more pixels the patch
+    matrix x BLAS."""
+    if not (cpp_engine.gemm_paths()["brgemm"] and cpp_engine.gemm_paths()["skinny"]):
+        pytest.skip("the rule picks among brgemm paths and the short-dimension GEMMs")
     import triton_kstconv as K
-    x = torch.randn(1, 256, 4, 4)
+    x = torch.randn(1, 256, *size)
     w = torch.randn(256, 128, 4, 4)
     ref = torch.nn.functional.conv_transpose2d(x.double(), w.double(), stride=2, padding=1)
     with torch.no_grad():
         out = K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
-    assert cpp_engine.last_method["fwd"] == 1
+    assert cpp_engine.last_method["fwd"] == no_graph
     assert_close(out, ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
     wr = w.clone().requires_grad_()
     out = K.conv_transpose2d(x, wr, stride=2, padding=1, backend="cpp")
-    assert cpp_engine.last_method["fwd"] == 2
+    assert cpp_engine.last_method["fwd"] == graph
     assert_close(out.detach(), ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
 
 
@@ -606,6 +614,66 @@ def test_patch_backward_rejects_inconsistent_arguments():
         mod.patch_backward(x5, g5, w5, torch.empty_like(g5), None, None, gi, 1)
     with pytest.raises(RuntimeError, match="every tap"):
         mod.patch_backward(x5, g5[..., :-2, :-2], w5, torch.empty_like(x5), None, None, gi, 1)
+
+
+# Weight-heavy layers of a few pixels (pix2pix's inner levels at batch 1) through the engine's
+# short-dimension GEMMs (gemm_skinny.cpp).
+# (nd, N, c_in, c_out, groups, size, kernel, stride, padding, output_padding, dilation)
+SKINNY_CASES = [
+    (2, 1, 64, 40, 1, (2, 2), (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),   # pix2pix's 2x2 level
+    (2, 1, 48, 21, 1, (4, 4), (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),   # 16 pixels, 189 columns
+    (2, 2, 40, 12, 2, (3, 5), (5, 5), (3, 3), (2, 2), (0, 0), (1, 1)),   # groups, 30 pixels
+    (3, 1, 24, 10, 1, (2, 2, 3), (2, 2, 2), (2, 2, 2), (0, 0, 0), (0, 0, 0), (1, 1, 1)),  # 3-D
+    (1, 3, 32, 17, 1, (5,), (4,), (2,), (1,), (0,), (1,)),               # 1-D, 3 images of 5
+    (2, 4, 33, 9, 1, (1, 1), (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),    # a 1x1 latent
+    (2, 1, 20, 8, 1, (4, 8), (4, 4), (2, 2), (1, 1), (0, 0), (2, 2)),    # 32 pixels, dilation 2
+]
+
+
+@pytest.mark.parametrize("case", SKINNY_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+def test_skinny_gemms(case, layout, knobs):
+    """Few-pixel layers through the short-dimension GEMMs: the forward's GEMM first (C = X x W,
+    the weight streamed in place, up to 32 pixels; rows in tiles of 6 and a tail, columns in
+    strips of 16 and a partial one), grad_weight's GEMM first and the patch backward (dW written
+    from a reduction over at most 16 pixels; one image at a time, accumulating, where the images
+    do not sit at one stride). The counter says when the GEMMs ran (the reduction of grad_weight
+    only up to 16 pixels), and every output is PyTorch's."""
+    if not cpp_engine.gemm_paths()["skinny"]:
+        pytest.skip("the short-dimension GEMMs need AVX2 with FMA")
+    nd, N, ci, co, g, size, k, s, p, op, dil = case
+    if layout == "channels_last" and nd == 1:
+        pytest.skip("no channels-last layout in 1D")
+    x, w, b = make_case(nd, N, ci, co, g, size, k, s, p, op, dil, True, torch.float32, seed=5)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if nd == 2 else torch.channels_last_3d)
+    elif layout == "channel_slice":   # images one batch stride apart, not c_in x pixels
+        x = torch.cat([x, torch.randn_like(x[:, :3])], 1)[:, :ci]
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    y = reference(xr, wr, br, nd, stride=s, padding=p, output_padding=op, groups=g, dilation=dil)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    geom = geometry_of(size, k, s, p, op, g, dil)
+    runs = cpp_engine.load().skinny_gemm_runs
+    short_k = N * math.prod(size) <= 16
+    before = runs()
+    out, _ = _forced("fwd", 2, lambda: cpp_engine.forward(x, w, b, geom, parse_activation(None),
+                                                          False, method=2))
+    assert runs() > before
+    assert_close(out, y, torch.float32, reduction_length(ci, g, k, s))
+    before = runs()
+    dw = _forced("wgrad", 2, lambda: cpp_engine.grad_weight(x, gy.float(), w.shape, geom,
+                                                            torch.float32, method=2))
+    assert (runs() > before) == short_k
+    assert_close(dw, wr.grad, torch.float32, N * math.prod(size))
+    knobs(joint=2)
+    before = runs()
+    dx, dw, db = _forced("backward", "patch", lambda: cpp_engine.joint_backward(
+        gy.float(), x, w, geom, True, True, True))
+    assert (runs() > before) == short_k
+    assert_close(dx, xr.grad, torch.float32, reduction_length(co, g, k, (1,) * nd))
+    assert_close(dw, wr.grad, torch.float32, N * math.prod(size))
+    assert_close(db, br.grad, torch.float32, y[0, 0].numel() * N)
 
 
 @pytest.mark.parametrize("c_in,c_out,expect", [(16, 16, 3), (8, 4, 3), (4, 16, 3), (21, 21, 3),

@@ -124,8 +124,8 @@ void backward_patch_impl(const at::Tensor& x, const at::Tensor& dy, const at::Te
       patch_rows<T>(DY, GI, g, Cout_g, m0, m0 + M, cols.data());
       const T* Wg = W + g * Cin_g * K;
       if (dw.defined())  // dW_g[Cin_g, K] (+)= X[M, Cin_g]^T x cols[M, K]
-        gemm_rm<T>(true, false, Cin_g, K, M, T(1), X + m0 * Cin + g * Cin_g, Cin, cols.data(), K,
-                   m0 == 0 ? T(0) : T(1), DW + g * Cin_g * K, K);
+        gemm_rm_short_k<T>(true, Cin_g, K, M, X + m0 * Cin + g * Cin_g, Cin, cols.data(), K,
+                           T(m0 > 0), DW + g * Cin_g * K, K);
       if (!dx.defined()) continue;
       if (dx_cl) {  // dX[M, Cin_g] = cols[M, K] x W_g[Cin_g, K]^T, into dx in place
         gemm_rm<T>(false, true, M, Cin_g, K, T(1), cols.data(), K, Wg, K, T(0),

@@ -34,7 +34,7 @@ void configure(bool use_aten) { blas(use_aten); }
 std::map<std::string, bool> gemm_paths() {
   const Blas& b = blas();
   return {{"mkl_gemm", b.sgemm != nullptr}, {"mkl_packed_gemm", b.spack != nullptr},
-          {"brgemm", b.brgemm != nullptr}};
+          {"brgemm", b.brgemm != nullptr}, {"skinny", skinny_gemm_available()}};
 }
 
 // The work-item sizes (tests: many tiny items); a missing key keeps its value.
@@ -293,6 +293,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_tuning", &kst::get_tuning, "work-item sizes");
   m.def("implicit_whole_row_runs", [] { return kst::implicit_whole_row_runs().load(); },
         "passes of implicit GEMM (MK) that took whole-row tiles");
+  m.def("skinny_gemm_runs", [] { return kst::skinny_gemm_runs().load(); },
+        "calls served by the short-dimension GEMMs (tests)");
   m.def("row_kernel_runs", [] { return kst::row_kernel_runs().load(); },
         "passes the direct forward's row kernel ran (tests)");
   m.def("conv_method", py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -4,6 +4,8 @@
 // path: at::mm for the GEMMs, the non-brgemm strategies without brgemm.
 #pragma once
 
+#include <atomic>
+
 #include "kstconv.h"
 
 namespace kst {
@@ -44,12 +46,40 @@ template <typename T>
 void gemm_cm(bool ta, bool tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda, const T* b,
              i64 ldb, T beta, T* c, i64 ldc);
 
+// GEMMs with one short dimension (gemm_skinny.cpp), float32, where the CPU has AVX2 and FMA
+// (skinny_gemm_available()). A element (m, k) at a[m * sam + k * sak]; B and C row-major.
+bool skinny_gemm_available();
+// How many calls the two GEMMs below have served: the tests' check that they ran.
+std::atomic<i64>& skinny_gemm_runs();
+// C[M, N] (+)= A[M, K] x B[K, N], a short reduction (1 <= K <= kSmallK): weight gradients.
+constexpr i64 kSmallK = 16;
+void gemm_small_k(i64 M, i64 N, i64 K, const float* a, i64 sam, i64 sak, const float* b,
+                  i64 ldb, float* c, i64 ldc, bool accumulate);
+// C[M, N] = A[M, K] x B[K, N], few rows (M <= kShortM), B read in place once: GEMM first.
+constexpr i64 kShortM = 32;
+void gemm_short_m(i64 M, i64 N, i64 K, const float* a, i64 sam, i64 sak, const float* b,
+                  i64 ldb, float* c, i64 ldc);
+
 // Row-major GEMM: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
 template <typename T>
 inline void gemm_rm(bool ta, bool tb, i64 M, i64 N, i64 K, T alpha, const T* A, i64 lda,
                     const T* B, i64 ldb, T beta, T* C, i64 ldc) {
   // row-major C = col-major C^T = op(B)^T op(A)^T
   gemm_cm<T>(tb, ta, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+// C[M, N] = op(A)[M, K] x B[K, N] + beta * C (beta 0 or 1), row-major: gemm_small_k where the
+// reduction is short and T is float (and the CPU has it), else gemm_rm.
+template <typename T>
+inline void gemm_rm_short_k(bool ta, i64 M, i64 N, i64 K, const T* A, i64 lda, const T* B,
+                            i64 ldb, T beta, T* C, i64 ldc) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (K >= 1 && K <= kSmallK && (beta == 0.f || beta == 1.f) && skinny_gemm_available()) {
+      gemm_small_k(M, N, K, A, ta ? 1 : lda, ta ? lda : 1, B, ldb, C, ldc, beta != 0.f);
+      return;
+    }
+  }
+  gemm_rm<T>(ta, false, M, N, K, T(1), A, lda, B, ldb, beta, C, ldc);
 }
 
 }  // namespace kst

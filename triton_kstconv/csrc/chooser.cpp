@@ -42,6 +42,14 @@ OrderCost order_cost(const Plan& P, i64 N, i64 Cin_g, i64 Cout_g, i64 groups, co
   return c;
 }
 
+// The share of GEMM first's products (every input pixel times every tap) that land in the
+// output: per axis, the (pixel, tap) pairs that meet an output position.
+double tap_share(const Plan& P, const i64 kk[3]) {
+  double r = 1;
+  for (int d = 0; d < 3; ++d) r *= valid_pairs(P.ax[d]) / double(P.ax[d].L_src * kk[d]);
+  return r;
+}
+
 // Whether the weight panel an implicit-GEMM tile multiplies for one (d, h) tap, [taps along w x
 // c_src, c_dst] in float32, outgrows one core's L2 (every tile then streams it again).
 bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g) {
@@ -84,8 +92,17 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
       return c.b < c.a ? kGemmFirst : kPatchBlas;
     }
     if (Cdst_g <= 8) return kGemmFirst;
-    // A few pixels: the phase patch matrix is tiny and brgemm multiplies it best (pix2pix
-    // 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a 1x1 latent): GEMM first.
+    // Weight-heavy with at most kShortM pixels in all (pix2pix 1024-512 at 2x2 and 4x4, batch
+    // 1): GEMM first streams the weight once, in place (gemm_short_m), where at least half of its
+    // products land in the output. Forward side by side, GEMM first / the rule's choice before,
+    // ms, packed weight reused: 2x2 1.9 / 3.2 (patch x brgemm), 4x4 5.2 / 7.0 (patch x BLAS);
+    // from a 1x1 input (a quarter of the products land) it lost, 0.61 / 0.14.
+    if (heavy && src.size(0) * in_img <= kShortM && skinny_gemm_available() &&
+        (per_call || tap_share(P, kk) >= 0.5))
+      return kGemmFirst;
+    // Otherwise a few pixels (a 1x1 input, or no AVX2): the phase patch matrix is tiny and
+    // brgemm multiplies it best (pix2pix 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a
+    // 1x1 latent): GEMM first.
     // Packed for one call (training), a weight-heavy layer of a handful of pixels in all takes
     // GEMM first, which reads the weight as it is: packing pix2pix 1024-512's 32 MiB weight cost
     // more than the product (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, at 4x4

@@ -152,6 +152,13 @@ void conv_gemm_first_impl(const at::Tensor& src_in, const at::Tensor& weight_in,
       if (M > 0 && Cin_g > 0)
         for_each_source_run<T>(X, g, Cin_g, n0, n1, ib0, ib1, mk, xbuf,
                                [&](const T* xb, i64 ldx, i64 m0, i64 Mr) {
+          if constexpr (std::is_same<T, float>::value) {
+            // a few pixels (weight-heavy layers): W streamed once, in place
+            if (mk && Mr <= kShortM && skinny_gemm_available()) {
+              gemm_short_m(Mr, CK, Cin_g, xb, ldx, 1, wg, CK, C + m0 * CK, CK);
+              return;
+            }
+          }
           if (!mk) {  // C[CK, m0:m0+Mr] = W[Cin_g, CK]^T x X[Cin_g, Mr]
             gemm_rm<T>(true, false, CK, Mr, Cin_g, T(1), wg, CK, xb, ldx, T(0), C + m0, M);
           } else if (!brg) {  // C[m0:m0+Mr, CK] = X[Mr, Cin_g] x W[Cin_g, CK]
@@ -181,9 +188,6 @@ void conv_gemm_first_impl(const at::Tensor& src_in, const at::Tensor& weight_in,
   };
   maybe_parallel(outer_parallel, n_items, run);
 }
-
-// A 1x1 input whose output is exactly the kernel footprint (stride/padding/dilation irrelevant:
-// DCGAN's first layer, a latent vector to a k x k map): grad_out[n] viewed as [C_out * k^d] is
 
 }  // namespace
 

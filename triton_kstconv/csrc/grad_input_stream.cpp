@@ -72,10 +72,6 @@ void grad_input_weight_streaming_impl(const at::Tensor& dy, const at::Tensor& we
   maybe_parallel(outer_parallel, n_items, run);
 }
 
-// grad_weight in the same order: dW[c_in, (c_out, tap)] = sum over input pixels of
-// x[c_in, i] * grad_out[c_out, i*s - p + tap*d], i.e. the input itself times a patch matrix of
-// grad_out (the grad_input plan's gather, all taps, zero where outside). The result lands in the
-
 }  // namespace
 
 void grad_input_stream_weight(const at::Tensor& dy, const at::Tensor& weight, at::Tensor& dx,

@@ -87,23 +87,33 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
   const bool mk = channels_last_like(x);
   const i64 total = std::max<i64>(groups * Cin_g * CK, 1);
   const int nthreads = at::get_num_threads();
-  const i64 Mt = std::max<i64>(64, std::min<i64>(4096, tuning().cols_cap / std::max<i64>(CK, 1)));
-  const Items items = make_items(GI, groups, N, Mt, nthreads, false);
-  const i64 n_items = (x.numel() == 0 || dy.numel() == 0) ? 0 : items.count();
-  const bool outer_parallel = items_in_parallel(n_items);
   T* out = dw.data_ptr<T>();
   if (dense_one_pixel(GI, dy) && X.st[1] == 1 && x.numel() > 0 && dy.numel() > 0) {
     // dW[c_in, (c_out, tap)] = x[n, c_in]^T x grad_out[n, (c_out, tap)], one GEMM per group
     for (i64 g = 0; g < groups; ++g)
-      gemm_rm<T>(true, false, Cin_g, CK, N, T(1), X.p + g * Cin_g, X.st[0],
-                 DY.p + g * Cout_g * KK, DY.st[0], T(0), out + g * Cin_g * CK, CK);
+      gemm_rm_short_k<T>(true, Cin_g, CK, N, X.p + g * Cin_g, X.st[0], DY.p + g * Cout_g * KK,
+                         DY.st[0], T(0), out + g * Cin_g * CK, CK);
     return;
   }
+  // A few input pixels a group (weight-heavy layers: pix2pix's 2x2 and 4x4 levels at batch 1):
+  // each dW element sums a handful of products, so the time is dW's write. One block a group,
+  // whose short-reduction GEMM writes dW once: no zero fill, no per-thread copies (with them,
+  // pix2pix 1024-512 at 4x4 wrote its 32 MiB dW three times).
+  const i64 in_px = x.size(2) * x.size(3) * x.size(4);
+  const bool short_k = std::is_same<T, float>::value && skinny_gemm_available() &&
+                       N * in_px <= kSmallK && x.numel() > 0 && dy.numel() > 0;
+  const i64 Mt = short_k ? kSmallK
+                         : std::max<i64>(64, std::min<i64>(4096, tuning().cols_cap /
+                                                                     std::max<i64>(CK, 1)));
+  const Items items = make_items(GI, groups, N, Mt, short_k ? 1 : nthreads, false);
+  const i64 n_items = (x.numel() == 0 || dy.numel() == 0) ? 0 : items.count();
+  TORCH_CHECK(!short_k || n_items == groups, "kstconv: grad_weight expected one block a group");
+  const bool outer_parallel = !short_k && items_in_parallel(n_items);
   // Thread 0 accumulates straight into dW; other threads into private copies added at the end
   // in thread order (deterministic for a given thread count).
-  std::fill(out, out + dw.numel(), T(0));
+  if (!short_k) std::fill(out, out + dw.numel(), T(0));
   std::vector<std::vector<T>> accs(outer_parallel ? nthreads : 1);
-  const bool mk_dy = channels_last_like(dy);
+  const bool mk_dy = short_k || channels_last_like(dy);
 
   auto run = [&](i64 begin, i64 end) {
     const int tid = outer_parallel ? at::get_thread_num() : 0;
@@ -126,7 +136,11 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
         for_each_source_run<T>(X, b.g, Cin_g, b.n0, b.n1, b.q0, b.q1, mk, xbuf,
                                [&](const T* xb, i64 ldx, i64 m0, i64 Mr) {
           const T* cb = mk_dy ? cols.data() + m0 * CK : cols.data() + m0;
-          gemm_rm<T>(mk, !mk_dy, Cin_g, CK, Mr, T(1), xb, ldx, cb, mk_dy ? CK : M, T(1), ag, CK);
+          if (short_k)  // the group's first run writes dW, later ones (one per image) add
+            gemm_rm_short_k<T>(mk, Cin_g, CK, Mr, xb, ldx, cb, CK, T(m0 > 0), ag, CK);
+          else
+            gemm_rm<T>(mk, !mk_dy, Cin_g, CK, Mr, T(1), xb, ldx, cb, mk_dy ? CK : M, T(1), ag,
+                       CK);
         });
       });
     }
@@ -141,14 +155,6 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
     for (i64 i = 0; i < dw.numel(); ++i) out[i] += a[i];
   }
 }
-
-// grad_weight with brgemm, no patch matrix: for phase p and tap t,
-//   dWt[c_out, c_in] = sum over pixels q of the phase  D_p[c_out, q] x X[q + offset(t), c_in]
-// with D_p the phase's grad_out de-interleaved into planes of rows (c_out-major, pixels
-// contiguous) and X a channels-last copy of the input. Both share one padded row width Wc (zero
-// columns beyond the real ones), so a run of whole rows is one reduction of rows x Wc pixels
-// (the zero columns of D_p cancel whatever the shifted X rows hold there). Work items are
-// (group, phase, block of c_out): each owns its slice of dW and reduces over batch and space in
 
 }  // namespace
 

@@ -15,6 +15,7 @@
 // Files, one job each:
 //   kstconv.h             shared types: sizes, strategies, tensor views, the epilogue, drivers
 //   blas.h / .cpp         the GEMMs PyTorch ships (MKL's sgemm_, its packed API, ATen's brgemm)
+//   gemm_skinny.cpp       the engine's own GEMMs with one short dimension (weight-heavy layers)
 //   plan.h / .cpp         the plan: decoding, validity classes, blocks, work items
 //   patches.h             patch matrices: im2col, the scatter of a GEMM's result, gather
 //   layout.h / .cpp       layout copies: transposes, channels-last copies, de-interleaving
