@@ -696,6 +696,31 @@ def test_grad_weight_rule_few_channels(c_in, c_out, expect):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("n,c_in,c_out,size", [(6, 128, 64, 6), (1, 128, 64, 9), (3, 48, 40, 5),
+                                             (2, 256, 130, 4)], ids=str)
+def test_grad_weight_brgemm_independent_of_threads(n, c_in, c_out, size, threads):
+    """grad_weight's brgemm splits the batch into ranges fixed by the shape, and only then cuts
+    smaller tiles where threads would be idle (a batch of one): bitwise the same sums on 1, 2, 3
+    and 8 threads, and PyTorch's."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("this PyTorch exports no brgemm")
+    x, w, _ = make_case(2, n, c_in, c_out, 1, (size, size), (4, 4), (2, 2), (1, 1), (0, 0),
+                        (1, 1), False, torch.float32, seed=7)
+    geom = geometry_of(x.shape[2:], (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    xr, wr = x.double(), w.double().requires_grad_()
+    y = torch.nn.functional.conv_transpose2d(xr, wr, None, 2, 1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    outs = []
+    for t in (1, 2, 3, 8):
+        threads(t)
+        outs.append(_forced("wgrad", 3, lambda: cpp_engine.grad_weight(
+            x, g.float(), w.shape, geom, torch.float32, method=3)))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    assert_close(outs[0], wr.grad, torch.float32, n * size * size * 4)
+
+
 @pytest.mark.parametrize("cin_g,groups,expect", [(1, 16, 4), (8, 4, 4), (4, 8, 4), (16, 2, 3)])
 def test_grad_weight_rule_grouped(cin_g, groups, expect):
     """grad_weight's rule for grouped layers: the direct dot products up to 8 input channels a
