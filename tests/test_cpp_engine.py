@@ -437,29 +437,31 @@ def test_forward_rule_weight_panel_past_l2():
         assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
 
 
-@pytest.mark.parametrize("size,no_graph,graph", [((4, 4), 2, 2), ((2, 2), 2, 2), ((1, 1), 5, 2),
-                                                 ((8, 8), 1, 1)], ids=str)
-def test_forward_rule_weight_heavy(size, no_graph, graph):
-    """A weight-heavy layer (a big weight, a few pixels): up to 32 pixels GEMM first, which
-    streams the weight once, in place (gemm_short_m); from a 1x1 input, where 3 of 4 of its
-    products fall outside the output, the patch matrix x brgemm with the weight packed once
-    (cached) when no graph is recorded, and GEMM first in a pass that records one (training: the
-    weight changes every step, so it would be packed on every call); with more pixels the patch
-    matrix x BLAS."""
+@pytest.mark.parametrize("c_in,size,no_graph,graph", [
+    (1024, (4, 4), 2, 2), (1024, (2, 2), 2, 2), (1024, (1, 1), 5, 2), (1024, (1, 2), 5, 2),
+    (1024, (4, 5), 1, 1), (256, (2, 2), 5, 2), (256, (8, 8), 1, 1)], ids=str)
+def test_forward_rule_weight_heavy(c_in, size, no_graph, graph):
+    """A weight-heavy layer (a big weight, a few pixels): with a weight of 16 MiB and more, up
+    to 16 pixels GEMM first, which streams the weight once, in place (gemm_short_m: the counter
+    says it ran); where fewer than half of its products land in the output (a 1x1 or 1x2 input at
+    stride 2) or the weight is smaller (2 MiB), the patch matrix x brgemm with the weight packed
+    once (cached) when no graph is recorded, and GEMM first in a pass that records one
+    (training: the weight changes every step, so it would be packed on every call); from 17
+    pixels the patch matrix x BLAS."""
     if not (cpp_engine.gemm_paths()["brgemm"] and cpp_engine.gemm_paths()["skinny"]):
         pytest.skip("the rule picks among brgemm paths and the short-dimension GEMMs")
     import triton_kstconv as K
-    x = torch.randn(1, 256, *size)
-    w = torch.randn(256, 128, 4, 4)
+    x = torch.randn(1, c_in, *size)
+    w = torch.randn(c_in, 256, 4, 4)
     ref = torch.nn.functional.conv_transpose2d(x.double(), w.double(), stride=2, padding=1)
-    with torch.no_grad():
-        out = K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
-    assert cpp_engine.last_method["fwd"] == no_graph
-    assert_close(out, ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
-    wr = w.clone().requires_grad_()
-    out = K.conv_transpose2d(x, wr, stride=2, padding=1, backend="cpp")
-    assert cpp_engine.last_method["fwd"] == graph
-    assert_close(out.detach(), ref, torch.float32, reduction_length(256, 1, (4, 4), (2, 2)))
+    runs = cpp_engine.load().skinny_gemm_runs
+    for wt, expect in ((w, no_graph), (w.clone().requires_grad_(), graph)):
+        before = runs()
+        with torch.set_grad_enabled(wt.requires_grad):
+            out = K.conv_transpose2d(x, wt, stride=2, padding=1, backend="cpp")
+        assert cpp_engine.last_method["fwd"] == expect, wt.requires_grad
+        assert (runs() > before) == (expect == 2)
+        assert_close(out.detach(), ref, torch.float32, reduction_length(c_in, 1, (4, 4), (2, 2)))
 
 
 @pytest.mark.parametrize("nd,size,k,s,p,act", [
@@ -627,18 +629,19 @@ SKINNY_CASES = [
     (1, 3, 32, 17, 1, (5,), (4,), (2,), (1,), (0,), (1,)),               # 1-D, 3 images of 5
     (2, 4, 33, 9, 1, (1, 1), (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),    # a 1x1 latent
     (2, 1, 20, 8, 1, (4, 8), (4, 4), (2, 2), (1, 1), (0, 0), (2, 2)),    # 32 pixels, dilation 2
+    (2, 1, 130, 6, 1, (3, 3), (2, 2), (2, 2), (0, 0), (0, 0), (1, 1)),   # 130 rows of dW, 8 columns
 ]
 
 
 @pytest.mark.parametrize("case", SKINNY_CASES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
-def test_skinny_gemms(case, layout, knobs):
+def test_skinny_gemms(case, layout, knobs, threads):
     """Few-pixel layers through the short-dimension GEMMs: the forward's GEMM first (C = X x W,
     the weight streamed in place, up to 32 pixels; rows in tiles of 6 and a tail, columns in
     strips of 16 and a partial one), grad_weight's GEMM first and the patch backward (dW written
     from a reduction over at most 16 pixels; one image at a time, accumulating, where the images
     do not sit at one stride). The counter says when the GEMMs ran (the reduction of grad_weight
-    only up to 16 pixels), and every output is PyTorch's."""
+    only up to 16 pixels), every output is PyTorch's, and bitwise the same on 1 and 3 threads."""
     if not cpp_engine.gemm_paths()["skinny"]:
         pytest.skip("the short-dimension GEMMs need AVX2 with FMA")
     nd, N, ci, co, g, size, k, s, p, op, dil = case
@@ -656,16 +659,22 @@ def test_skinny_gemms(case, layout, knobs):
     geom = geometry_of(size, k, s, p, op, g, dil)
     runs = cpp_engine.load().skinny_gemm_runs
     short_k = N * math.prod(size) <= 16
+    fwd = lambda: cpp_engine.forward(x, w, b, geom, parse_activation(None), False,  # noqa: E731
+                                     method=2)[0]
+    wgrad = lambda: cpp_engine.grad_weight(x, gy.float(), w.shape, geom,  # noqa: E731
+                                           torch.float32, method=2)
+    threads(3)
+    out3, dw3 = fwd(), wgrad()
+    threads(1)
     before = runs()
-    out, _ = _forced("fwd", 2, lambda: cpp_engine.forward(x, w, b, geom, parse_activation(None),
-                                                          False, method=2))
+    out = _forced("fwd", 2, fwd)
     assert runs() > before
     assert_close(out, y, torch.float32, reduction_length(ci, g, k, s))
     before = runs()
-    dw = _forced("wgrad", 2, lambda: cpp_engine.grad_weight(x, gy.float(), w.shape, geom,
-                                                            torch.float32, method=2))
+    dw = _forced("wgrad", 2, wgrad)
     assert (runs() > before) == short_k
     assert_close(dw, wr.grad, torch.float32, N * math.prod(size))
+    assert torch.equal(out, out3) and torch.equal(dw, dw3)
     knobs(joint=2)
     before = runs()
     dx, dw, db = _forced("backward", "patch", lambda: cpp_engine.joint_backward(

@@ -13,7 +13,10 @@ constexpr const char* kBrgemmSymbol = "_ZN2at6native7cpublas6brgemmEllllllbPKfS3
 
 Blas lookup(bool use_aten) {
   Blas b;
-  if (use_aten) return b;
+  if (use_aten) {
+    b.own = false;
+    return b;
+  }
   Dl_info info;
   if (!dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) || !info.dli_fname) {
     TORCH_WARN_ONCE("triton_kstconv: libtorch_cpu not found; the C++ engine's GEMMs run "

@@ -35,10 +35,11 @@ struct Blas {
   spack_size_t spack_size = nullptr;
   spack_t spack = nullptr;
   scompute_t scompute = nullptr;
+  bool own = true;  // the engine's own short-dimension GEMMs (false under KSTCONV_BLAS=aten)
 };
 
 // The GEMMs found (looked up once; `use_aten`, from KSTCONV_BLAS=aten, given at the first call:
-// at::mm for every GEMM, no brgemm).
+// at::mm for every GEMM, no brgemm, none of the engine's own).
 const Blas& blas(bool use_aten = false);
 
 // Column-major GEMM: C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (beta == 0: C not read).
@@ -47,7 +48,8 @@ void gemm_cm(bool ta, bool tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda
              i64 ldb, T beta, T* c, i64 ldc);
 
 // GEMMs with one short dimension (gemm_skinny.cpp), float32, where the CPU has AVX2 and FMA
-// (skinny_gemm_available()). A element (m, k) at a[m * sam + k * sak]; B and C row-major.
+// and KSTCONV_BLAS is not aten (skinny_gemm_available()). A element (m, k) at
+// a[m * sam + k * sak]; B and C row-major.
 bool skinny_gemm_available();
 // How many calls the two GEMMs below have served: the tests' check that they ran.
 std::atomic<i64>& skinny_gemm_runs();

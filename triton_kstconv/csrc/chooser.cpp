@@ -92,13 +92,18 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
       return c.b < c.a ? kGemmFirst : kPatchBlas;
     }
     if (Cdst_g <= 8) return kGemmFirst;
-    // Weight-heavy with at most kShortM pixels in all (pix2pix 1024-512 at 2x2 and 4x4, batch
-    // 1): GEMM first streams the weight once, in place (gemm_short_m), where at least half of its
-    // products land in the output. Forward side by side, GEMM first / the rule's choice before,
-    // ms, packed weight reused: 2x2 1.9 / 3.2 (patch x brgemm), 4x4 5.2 / 7.0 (patch x BLAS);
-    // from a 1x1 input (a quarter of the products land) it lost, 0.61 / 0.14.
-    if (heavy && src.size(0) * in_img <= kShortM && skinny_gemm_available() &&
-        (per_call || tap_share(P, kk) >= 0.5))
+    // Weight-heavy with at most 16 pixels in all and a weight far past the caches (pix2pix
+    // 1024-512 at 2x2 and 4x4, batch 1, 32 MiB): GEMM first streams the weight once, in place
+    // (gemm_short_m, which takes the source channels-last: from 8 channels a group it is made
+    // so), where at least half of its products land in the output. Forward side by side, GEMM
+    // first / the rule's choice before, ms, packed weight reused: 2x2 1.9 / 3.2 (patch x
+    // brgemm), 4x4 5.2 / 7.0 (patch x BLAS). It lost from a 1x1 input (a quarter of the
+    // products land: 0.61 / 0.14), with an 8 MiB weight (HiFi-GAN 512-256 k16s8, batch 1, 16
+    // frames: 1.52 / 1.18; 32 frames 2.86 / 1.92) and tied at 32 pixels (4x4 at batch 2: 9.4 /
+    // 9.1).
+    if (heavy && src.size(0) * in_img <= 16 && weight.numel() >= (i64(4) << 20) &&
+        skinny_gemm_available() && (Csrc_g >= 8 || channels_last_like(src)) &&
+        tap_share(P, kk) >= 0.5)
       return kGemmFirst;
     // Otherwise a few pixels (a 1x1 input, or no AVX2): the phase patch matrix is tiny and
     // brgemm multiplies it best (pix2pix 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a

@@ -74,7 +74,9 @@ void grad_weight_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
   pack_or_unpack<T>(true, DW, sum.data(), P, pi, groups, false);
 }
 
-// weight's own layout.
+// grad_weight strategy 2: dW[c_in, (c_out, tap)] = sum over input pixels of x[c_in, i] *
+// grad_out[c_out, i*s - p + tap*d], i.e. the input itself times a patch matrix of grad_out (the
+// grad_input plan's gather, all taps, zero where outside), straight into the weight's own layout.
 template <typename T>
 void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                                  const Plan& GI, i64 groups) {
@@ -97,8 +99,8 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
   }
   // A few input pixels a group (weight-heavy layers: pix2pix's 2x2 and 4x4 levels at batch 1):
   // each dW element sums a handful of products, so the time is dW's write. One block a group,
-  // whose short-reduction GEMM writes dW once: no zero fill, no per-thread copies (with them,
-  // pix2pix 1024-512 at 4x4 wrote its 32 MiB dW three times).
+  // its pixels gathered channels-last, and one short-reduction GEMM writes dW once: no zero fill,
+  // no per-thread copies (with them, pix2pix 1024-512 at 4x4 wrote its 32 MiB dW three times).
   const i64 in_px = x.size(2) * x.size(3) * x.size(4);
   const bool short_k = std::is_same<T, float>::value && skinny_gemm_available() &&
                        N * in_px <= kSmallK && x.numel() > 0 && dy.numel() > 0;
@@ -107,7 +109,7 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
                                                                      std::max<i64>(CK, 1)));
   const Items items = make_items(GI, groups, N, Mt, short_k ? 1 : nthreads, false);
   const i64 n_items = (x.numel() == 0 || dy.numel() == 0) ? 0 : items.count();
-  TORCH_CHECK(!short_k || n_items == groups, "kstconv: grad_weight expected one block a group");
+  std::vector<char> written(short_k ? groups : 0, 0);  // short_k: the groups dW holds
   const bool outer_parallel = !short_k && items_in_parallel(n_items);
   // Thread 0 accumulates straight into dW; other threads into private copies added at the end
   // in thread order (deterministic for a given thread count).
@@ -131,16 +133,27 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
         if (i64(cols.size()) < CK * M) cols.resize(CK * M);
         im2col<T>(DY, GI, b, Cout_g, mk_dy, cols.data(), true);  // rows (c_out, tap)
         T* ag = acc + b.g * Cin_g * CK;
+        if (short_k) {  // dW[Cin_g, CK] (+)= X[m, Cin_g]^T x cols[m, CK], one call a block
+          if (i64(xbuf.size()) < M * Cin_g) xbuf.resize(M * Cin_g);
+          T* xo = xbuf.data();
+          for (i64 n = b.n0; n < b.n1; ++n)
+            for (i64 d = b.q0[0]; d < b.q1[0]; ++d)
+              for (i64 h = b.q0[1]; h < b.q1[1]; ++h)
+                for (i64 w = b.q0[2]; w < b.q1[2]; ++w, xo += Cin_g) {
+                  const T* px = X.at(n, b.g * Cin_g, d, h, w);
+                  for (i64 c = 0; c < Cin_g; ++c) xo[c] = px[c * X.st[1]];
+                }
+          gemm_rm_short_k<T>(true, Cin_g, CK, M, xbuf.data(), Cin_g, cols.data(), CK,
+                             T(written[b.g]), ag, CK);
+          written[b.g] = 1;
+          return;
+        }
         // dW[Cin_g, CK] += X[Cin_g, m] x cols[CK, m]^T, run by run (X is [m, Cin_g] when mk,
         // cols is [m, CK] when mk_dy)
         for_each_source_run<T>(X, b.g, Cin_g, b.n0, b.n1, b.q0, b.q1, mk, xbuf,
                                [&](const T* xb, i64 ldx, i64 m0, i64 Mr) {
           const T* cb = mk_dy ? cols.data() + m0 * CK : cols.data() + m0;
-          if (short_k)  // the group's first run writes dW, later ones (one per image) add
-            gemm_rm_short_k<T>(mk, Cin_g, CK, Mr, xb, ldx, cb, CK, T(m0 > 0), ag, CK);
-          else
-            gemm_rm<T>(mk, !mk_dy, Cin_g, CK, Mr, T(1), xb, ldx, cb, mk_dy ? CK : M, T(1), ag,
-                       CK);
+          gemm_rm<T>(mk, !mk_dy, Cin_g, CK, Mr, T(1), xb, ldx, cb, mk_dy ? CK : M, T(1), ag, CK);
         });
       });
     }
@@ -149,6 +162,8 @@ void grad_weight_gemm_first_impl(const at::Tensor& x, const at::Tensor& dy, at::
     if (outer_parallel) at::parallel_for(0, n_items, 1, run);
     else run(0, n_items);
   }
+  for (i64 g = 0; g < i64(written.size()); ++g)  // a group no block reached: no gradient
+    if (!written[g]) std::fill(out + g * Cin_g * CK, out + (g + 1) * Cin_g * CK, T(0));
   for (size_t t = 1; t < accs.size(); ++t) {
     if (accs[t].empty()) continue;
     const T* a = accs[t].data();

@@ -122,14 +122,18 @@ struct Tiling {
   i64 MB = 128, NB = 128, nmb = 1, nnb = 1, tiles = 1, nsplit = 1;
   Tiling(i64 N, i64 groups, i64 Cout_g, i64 Cin_g, i64 nthreads) {
     NB = std::min<i64>(Cin_g, 128);
+    MB = std::min<i64>(Cout_g, 128);
     auto count = [&] { return groups * ceil_div(Cout_g, MB) * ceil_div(Cin_g, NB); };
-    auto halve = [&](i64 floor) {
-      if (NB >= MB && NB > floor) NB /= 2;
-      else MB /= 2;
+    auto halve = [&](i64 floor) {  // the wider side first; false where neither stays >= floor
+      if (NB >= MB && NB / 2 >= floor) NB /= 2;
+      else if (MB / 2 >= floor) MB /= 2;
+      else if (NB / 2 >= floor) NB /= 2;
+      else return false;
+      return true;
     };
-    while (count() < kItems && (MB > 64 || NB > 64)) halve(64);
+    while (count() < kItems && halve(64)) {}
     nsplit = std::max<i64>(1, std::min<i64>(N, ceil_div(kItems, count())));
-    while (count() * nsplit < nthreads && (MB > 32 || NB > 32)) halve(32);
+    while (count() * nsplit < nthreads && halve(32)) {}
     nmb = ceil_div(Cout_g, MB);
     nnb = ceil_div(Cin_g, NB);
     tiles = groups * nmb * nnb;
@@ -201,7 +205,7 @@ void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& d
   grad_out_planes(dy, P, o);
   const Tiling T(N, groups, Cout_g, Cin_g, at::get_num_threads());
   const i64 KKt = kk[0] * kk[1] * kk[2], ci_stride = Cout_g * KKt;
-  const i64 tile_elems = KKt * std::min(T.MB, Cout_g) * T.NB;
+  const i64 tile_elems = KKt * T.MB * T.NB;
   // partial sums of the batch ranges; with one range every tile writes dW directly
   std::vector<float> part(T.nsplit > 1 ? T.tiles * T.nsplit * tile_elems : 0);
   // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]: whole rows of KK taps at a time
