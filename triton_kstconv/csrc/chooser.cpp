@@ -105,9 +105,9 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
         skinny_gemm_available() && (Csrc_g >= 8 || channels_last_like(src)) &&
         tap_share(P, kk) >= 0.5)
       return kGemmFirst;
-    // Otherwise a few pixels (a 1x1 input, or no AVX2): the phase patch matrix is tiny and
-    // brgemm multiplies it best (pix2pix 1024-512 at 2x2: 3.1 ms vs 3.7 for BLAS); one phase (a
-    // 1x1 latent): GEMM first.
+    // Otherwise a few pixels (a 1x1 input, a smaller weight, or no AVX2): the phase patch
+    // matrix is tiny and brgemm multiplies it best (pix2pix 1024-512 at 2x2: 3.1 ms vs 3.7 for
+    // BLAS); one phase (a 1x1 latent): GEMM first.
     // Packed for one call (training), a weight-heavy layer of a handful of pixels in all takes
     // GEMM first, which reads the weight as it is: packing pix2pix 1024-512's 32 MiB weight cost
     // more than the product (batch 1, forward with a graph: at 2x2 10.5 -> 4.6 ms, at 4x4
