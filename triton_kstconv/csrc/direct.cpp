@@ -35,11 +35,6 @@ namespace kst {
 
 namespace {
 
-bool have_fma() {
-  static const bool ok = have_avx2() && __builtin_cpu_supports("fma");
-  return ok;
-}
-
 // out[j][q] = sum over taps t of w[j * ldw + t] * x[t][q] for CB destination channels j and q in
 // [0, n): every tap in one pass, the sums in registers, the accumulation order fixed
 // (deterministic). Each source vector is loaded once for all CB channels (CB broadcasts, 2 x CB

@@ -32,11 +32,6 @@ constexpr i64 kBlockRows = 64;    // gemm_small_k: rows of C a work item writes
 constexpr i64 kShortMRows = 16;   // gemm_short_m: rows of B per sweep (16 concurrent streams)
 constexpr i64 kAheadStrips = 16;  // gemm_short_m: strips of B prefetched ahead (1 KiB a row)
 
-bool have_fma() {
-  static const bool ok = have_avx2() && __builtin_cpu_supports("fma");
-  return ok;
-}
-
 // One row of a tile into C: 16 columns, or those of the masks m0, m1.
 template <bool FULL>
 __attribute__((target("avx2,fma"))) inline void put_row(float* cr, __m256 v0, __m256 v1,
@@ -58,6 +53,14 @@ __attribute__((target("avx2,fma"))) inline void put_row(float* cr, __m256 v0, __
   _mm256_maskstore_ps(cr + 8, m1, v1);
 }
 
+// One row of a tile, one step of k: (c0, c1) += a[0] x (b0, b1).
+__attribute__((target("avx2,fma"))) inline void fma_row(const float* a, __m256 b0, __m256 b1,
+                                                       __m256& c0, __m256& c1) {
+  const __m256 av = _mm256_broadcast_ss(a);
+  c0 = _mm256_fmadd_ps(av, b0, c0);
+  c1 = _mm256_fmadd_ps(av, b1, c1);
+}
+
 // C[R rows, ncols <= 16] (+)= A[R, K] x B[K, ncols]: A element (r, k) at a[r * sam + k * sak],
 // B row k at b + k * ldb (FULL: 16 columns, else ncols, masked loads). The accumulators are
 // named registers, not an array: GCC kept an array of them on the stack, a store per FMA.
@@ -72,40 +75,19 @@ __attribute__((target("avx2,fma"))) void tile(i64 K, const float* a, i64 sam, i6
     m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(ncols) - 8), idx);
   }
   const __m256 z = _mm256_setzero_ps();
-  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z;
+  __m256 c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
   for (i64 k = 0; k < K; ++k) {
     const float* bk = b + k * ldb;
     const float* ak = a + k * sak;
     const __m256 b0 = FULL ? _mm256_loadu_ps(bk) : _mm256_maskload_ps(bk, m0);
     const __m256 b1 = FULL ? _mm256_loadu_ps(bk + 8) : _mm256_maskload_ps(bk + 8, m1);
-    __m256 av = _mm256_broadcast_ss(ak);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    if constexpr (R > 1) {
-      av = _mm256_broadcast_ss(ak + sam);
-      c10 = _mm256_fmadd_ps(av, b0, c10);
-      c11 = _mm256_fmadd_ps(av, b1, c11);
-    }
-    if constexpr (R > 2) {
-      av = _mm256_broadcast_ss(ak + 2 * sam);
-      c20 = _mm256_fmadd_ps(av, b0, c20);
-      c21 = _mm256_fmadd_ps(av, b1, c21);
-    }
-    if constexpr (R > 3) {
-      av = _mm256_broadcast_ss(ak + 3 * sam);
-      c30 = _mm256_fmadd_ps(av, b0, c30);
-      c31 = _mm256_fmadd_ps(av, b1, c31);
-    }
-    if constexpr (R > 4) {
-      av = _mm256_broadcast_ss(ak + 4 * sam);
-      c40 = _mm256_fmadd_ps(av, b0, c40);
-      c41 = _mm256_fmadd_ps(av, b1, c41);
-    }
-    if constexpr (R > 5) {
-      av = _mm256_broadcast_ss(ak + 5 * sam);
-      c50 = _mm256_fmadd_ps(av, b0, c50);
-      c51 = _mm256_fmadd_ps(av, b1, c51);
-    }
+    fma_row(ak, b0, b1, c00, c01);
+    if constexpr (R > 1) fma_row(ak + sam, b0, b1, c10, c11);
+    if constexpr (R > 2) fma_row(ak + 2 * sam, b0, b1, c20, c21);
+    if constexpr (R > 3) fma_row(ak + 3 * sam, b0, b1, c30, c31);
+    if constexpr (R > 4) fma_row(ak + 4 * sam, b0, b1, c40, c41);
+    if constexpr (R > 5) fma_row(ak + 5 * sam, b0, b1, c50, c51);
   }
   put_row<FULL>(c, c00, c01, m0, m1, accumulate);
   if constexpr (R > 1) put_row<FULL>(c + ldc, c10, c11, m0, m1, accumulate);

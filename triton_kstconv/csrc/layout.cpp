@@ -84,6 +84,11 @@ bool have_avx2() {
   return ok;
 }
 
+bool have_fma() {
+  static const bool ok = have_avx2() && __builtin_cpu_supports("fma");
+  return ok;
+}
+
 // One row of C channels x W pixels, element (c, w) at src[c * cst + w * wst], into channels-last
 // dst[w * C + c]: 8 x 8 register transposes where the pixels are contiguous, then the tails.
 void row_to_channels_last(const float* src, i64 cst, i64 wst, i64 C, i64 W, float* dst) {

@@ -7,6 +7,8 @@
 namespace kst {
 
 bool have_avx2();
+// AVX2 and FMA (the engine's own vector kernels: direct.cpp, gemm_skinny.cpp).
+bool have_fma();
 // dst[j][i] = src[i][j] for an 8 x 8 block of floats (AVX2; check have_avx2() first); stream:
 // non-temporal stores (dst and ldd 32-byte aligned)
 void transpose8x8(const float* src, i64 lds, float* dst, i64 ldd, bool stream = false);
