@@ -329,15 +329,19 @@ def run(args):
               + (f"{t:9.4f} ms" if t is not None else row.get("error", "-")), flush=True)
 
     start = time.perf_counter()
+    plan = [(layer, dname, mode) for layer in suite for dname in args.dtypes
+            for mode in args.modes]
     left = []
-    for layer in suite:
-        for dname in args.dtypes:
-            for mode in args.modes:
-                if time.perf_counter() - start > args.budget_s:
-                    left.append([layer.key, dname, mode])
-                    continue
-                measure_layer(layer, device, dname, mode, args.impls, fn, args.rounds, write)
-    meta["left_unmeasured"] = left
+    try:
+        for i, (layer, dname, mode) in enumerate(plan):
+            if time.perf_counter() - start > args.budget_s:
+                left = plan[i:]
+                break
+            measure_layer(layer, device, dname, mode, args.impls, fn, args.rounds, write)
+    except KeyboardInterrupt:     # gpu_check.sh's hard limit: the layer under way is left too
+        left = plan[i:]
+        print("# interrupted", flush=True)
+    meta["left_unmeasured"] = [[layer.key, dname, mode] for layer, dname, mode in left]
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     if left:

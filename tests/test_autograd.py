@@ -6,7 +6,7 @@ from torch import nn
 
 import triton_kstconv as K
 from triton_kstconv import ops
-from conftest import backends
+from conftest import backends, device_for
 
 CPU_BACKENDS = [b for b in backends() if b != "triton"]
 # The Triton interpreter is slow: gradcheck's numerical Jacobians get a tiny case only.
@@ -46,9 +46,9 @@ def test_gradgradcheck(backend):
 @pytest.mark.skipif("triton" not in ALL_BACKENDS, reason="triton not installed")
 def test_gradcheck_triton_small():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(2, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64, generator=g)
+               .to(device_for("triton")).requires_grad_()
+               for shape in ((1, 2, 3), (2, 2, 3), (2,)))
     fn = lambda x, w, b: K.conv_transpose1d(x, w, b, 2, 1, 1, activation="silu",  # noqa: E731
                                             backend="triton")
     assert torch.autograd.gradcheck(fn, (x, w, b))
@@ -56,7 +56,8 @@ def test_gradcheck_triton_small():
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_opcheck(backend):
-    x, w, b = (t.float().detach().requires_grad_() for t in _inputs())
+    dev = device_for(backend)
+    x, w, b = (t.float().detach().to(dev).requires_grad_() for t in _inputs())
     conv = ([2, 2], [1, 1], [1, 1], 1, [1, 1])
     torch.library.opcheck(ops.conv_transpose, (x, w, b, *conv, "silu", 0.0, True, backend,
                                                False))
@@ -65,7 +66,7 @@ def test_opcheck(backend):
     with torch.no_grad():    # the form a pass that records no graph takes (reuses packs)
         torch.library.opcheck(ops.conv_transpose, (x.detach(), w.detach(), None, *conv, "", 0.0,
                                                    False, backend, True))
-    g = torch.randn(2, 6, 6, 6)
+    g = torch.randn(2, 6, 6, 6, device=dev)
     torch.library.opcheck(ops.conv_transpose_grad_input, (g, w, [3, 3], *conv, backend))
     torch.library.opcheck(ops.conv_transpose_grad_weight, (x, g, [4, 6, 3, 3], *conv, backend))
     for mask in ([True, True, True], [False, True, False], [True, False, True]):

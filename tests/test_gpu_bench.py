@@ -41,3 +41,24 @@ def test_a_failing_implementation_is_recorded_not_fatal(tmp_path, monkeypatch):
                             1, rows.append)
     by = {r["impl"]: r for r in rows}
     assert "boom" in by["flaggems"]["error"] and by["cudnn"]["ok"]
+
+
+def test_a_cut_off_run_lists_what_it_left(tmp_path, monkeypatch):
+    """gpu_check.sh stops the bench with SIGINT at its hard limit: the layer under way and all
+    after it are recorded as unmeasured, the rows before it stay."""
+    calls = []
+
+    def measure(layer, device, dname, mode, impls, fn, rounds, write):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append((layer.key, dname, mode))
+        write({"layer": layer.key, "dtype": dname, "mode": mode, "impl": "ours", "eager_ms": 1.0})
+
+    monkeypatch.setattr(gpu_bench, "measure_layer", measure)
+    monkeypatch.setattr(gpu_bench, "measure_peak", lambda device, dname: None)
+    gpu_bench.main(["--device", "cpu", "--out", str(tmp_path), "--dtypes", "float32",
+                    "bfloat16", "--layers", "dcgan/512-256", "unet/512-256"])
+    meta = json.load(open(tmp_path / "meta-float32-bfloat16.json"))
+    assert len(calls) == 3 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 3
+    assert meta["left_unmeasured"][0] == [calls[-1][0], "bfloat16", "forward+backward"]
+    assert len(meta["left_unmeasured"]) == 8 - 3
