@@ -70,6 +70,7 @@ def test_training_step_budget(name, layout, split, monkeypatch):
     if split:
         monkeypatch.setattr(triton_engine, "wgrad_splits", lambda *a: 3)
         monkeypatch.setattr(triton_engine, "WGRAD_SPLIT_ALIGN", 16)
+        monkeypatch.setattr(triton_engine, "_PLANS", {})   # no plan made without the patch
     call, x, w, b = _layer(name, layout)
     gy = torch.randn_like(call())
     if layout == "kernel":
@@ -150,3 +151,62 @@ def test_cpp_engine_uses_the_cache():
         w.mul_(2)                                # a new version: packed again, exactly once
         K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
         assert weight_cache.stats["packs"] == before["packs"] + 1
+
+
+def test_steady_calls_reuse_their_launch_plans(monkeypatch):
+    """Host work: what a launch derives from sizes, strides and the config state is worked out
+    once per signature (launch plans); a steady training step makes none, whatever the data."""
+    made = []
+    for name in ("_conv_plan", "_wgrad_plan", "_pack_plan", "_convert_ints"):
+        real = getattr(triton_engine, name)
+        monkeypatch.setattr(triton_engine, name,
+                            lambda *a, _real=real, _name=name, **k: made.append(_name)
+                            or _real(*a, **k))
+    call, x, w, b = _layer("2d_k4s2p1")
+    call().backward(torch.randn(2, 32, 8, 8))
+    assert sorted(set(made)) == ["_conv_plan", "_convert_ints", "_pack_plan", "_wgrad_plan"]
+    made.clear()
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            w.add_(0.01)
+        call().backward(torch.randn(2, 32, 8, 8))
+    assert made == []
+    # another batch is another signature
+    x2 = torch.randn(3, 16, 4, 4, requires_grad=True)
+    K.conv_transpose2d(x2, w, b, stride=2, padding=1, backend="triton").sum().backward()
+    assert "_conv_plan" in made and "_wgrad_plan" in made
+
+
+def test_launch_plans_follow_the_config_state():
+    """A plan is kept under the config state too: a forced config, then none, and a cleared
+    config log are each seen by the next call of the same signature."""
+    from triton_kstconv import triton_config as cfgs
+    from triton_kstconv import triton_kernels as tk
+    call, x, w, b = _layer("2d_k4s2p1", "kernel")
+
+    def conv_meta():
+        with triton_engine.capture_launches() as rec, torch.no_grad():
+            call()
+        (kw,) = [kw for kernel, grid, args, kw in rec if kernel is tk.conv_phase_kernel]
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+
+    base = conv_meta()
+    forced = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    assert base != (32, 64, 32)
+    with cfgs.forced_config(forced):
+        assert conv_meta() == (32, 64, 32)
+    assert conv_meta() == base
+    cfgs.config_log.clear()
+    conv_meta()
+    assert [v[0] for v in cfgs.config_log.values()] == ["interpreter"]
+
+
+def test_host_cost_tool_counts_a_training_step():
+    """perf/host_cost.py (the host work per call without a GPU): launches dropped, not kept."""
+    from perf import host_cost
+    from perf.layers import Layer
+    r = host_cost.measure(Layer("test", "16-32@4 k4s2p1", 2, 16, 32, (4, 4), 4, 2, 1))
+    assert r["launches"] == 5 and r["calls_per_step"] > 0
+    assert r["train_us"][1] > 0 and r["infer_us"][1] > 0
+    assert triton_engine._RECORDERS == []

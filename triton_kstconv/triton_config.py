@@ -207,9 +207,13 @@ def tuned_table() -> dict:
     return _load_tables(config.knobs().tuned_table)
 
 
+_TABLES_READ = [0]   # bumped by reload_tuned_tables (part of state())
+
+
 def reload_tuned_tables():
     """Forget the tables read so far (after writing one)."""
     _load_tables.cache_clear()
+    _TABLES_READ[0] += 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,9 +246,31 @@ def forced_config(cfg: dict):
 config_log: dict = {}
 
 
+def state(dtype) -> tuple:
+    """Everything besides the problem's sizes that a launch's config and constants depend on:
+    the knobs, a forced config, the tables read, the interpreter and the float32 precision
+    (PyTorch's TF32 flags, which a program may change between calls). Launch plans
+    (triton_engine) are kept under it."""
+    forced = tuple(sorted(_FORCED[-1].items())) if _FORCED else None
+    return (config.knobs(), forced, _TABLES_READ[0], interpreting(), precision(dtype))
+
+
 def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int,
                   layout: int, device: torch.device):
     """A config dict, or None to autotune (see the module docstring for the order)."""
+    key, source, cfg = choose(kind, m, c_src_g, c_dst_g, dtype, taps, layout, device)
+    log_choice(key, source, cfg)
+    return cfg
+
+
+def log_choice(key: str, source: str, cfg):
+    if config_log.get(key, (None,))[0] != source:
+        config_log[key] = (source, cfg)
+
+
+def choose(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int, layout: int,
+           device: torch.device):
+    """(shape key, where the config comes from, the config or None to autotune)."""
     key = shape_key(kind, dtype, c_src_g, c_dst_g, taps, m, layout, device_name(device))
     if _FORCED:
         source, cfg = "forced", _FORCED[-1]
@@ -256,9 +282,7 @@ def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: in
         source, cfg = "autotune", None
     else:
         source, cfg = "heuristic", heuristic_config(kind, m, c_src_g, c_dst_g, dtype, layout)
-    if config_log.get(key, (None,))[0] != source:
-        config_log[key] = (source, cfg)
-    return cfg
+    return key, source, cfg
 
 
 def note_autotuned(kind: str, key: str):

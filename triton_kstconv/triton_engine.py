@@ -10,6 +10,10 @@ Launches per call (asserted by tests/test_device_work.py):
 * training: the forward adds one launch that packs the weight for the forward and grad_input
   (and converts the input, same launch); the backward is grad_input + grad_weight (+1 to sum
   a split pixel reduction), with grad_out's layout pass, which also sums grad_bias, or one sum.
+
+Host work per call: everything a launch derives from sizes, strides, dtype and the config state
+is a *launch plan*, made the first time a signature runs and kept (``_PLANS``); a steady call
+builds a key, allocates its outputs and goes through Triton's launcher.
 """
 from __future__ import annotations
 
@@ -140,6 +144,36 @@ def launch(kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
 
 
+# ---------------------------------------------------------------------------- launch plans
+# What a launch derives from sizes, strides, dtype and the config state (cfgs.state) is
+# worked out the first time a signature runs and kept under it: a steady call then costs a key,
+# its buffers and Triton's launcher. (The first GPU run measured about 1.2 ms of host time in a
+# DCGAN layer's training step against 0.38 ms of kernels.)
+class _Plan:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+_NOTHING = _Plan()             # a launch with nothing to do (an empty output)
+_PLANS: dict = {}
+_PLANS_MAX = 4096
+
+
+def _keep(key, plan):
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _contiguous_strides(shape):
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
 def _check_device(t: torch.Tensor):
     if t.device.type == "cpu" and not interpreting():
         raise RuntimeError("the Triton engine needs CUDA tensors, or TRITON_INTERPRET=1 for CPU "
@@ -194,22 +228,17 @@ def _kernel_layout_buffer(t: torch.Tensor, groups: int):
     return buf.permute(0, nd + 1, *range(1, nd + 1))
 
 
-def _convert_args(t, tk, groups, parts):
-    """prepare_kernel's arguments for putting ``t`` into ``tk`` (its kernel layout)."""
+def _convert_ints(t, groups, with_sums):
+    """prepare_kernel's conversion sizes and strides for putting ``t`` into its kernel layout,
+    and the programs that takes."""
     n, c, *spatial = t.shape
     sd, sh, sw = _sizes3(spatial)
-    st = _strides5(t)
-    return dict(X=t, XK=tk, PARTS=parts if parts is not None else tk,
-                P=n * sd * sh * sw, C=c // groups, C_PAD=_pad(c // groups), G=groups,
-                Dd=sd, Hd=sh, Wd=sw, sxn=st[0], sxc=st[1], sxd=st[2], sxh=st[3], sxw=st[4],
-                WITH_SUMS=parts is not None)
+    p, c_g, c_pad = n * sd * sh * sw, c // groups, _pad(c // groups)
+    programs = triton_cdiv(p, _BLOCK_P) * groups * triton_cdiv(c_pad, _BLOCK_C)
+    return (p, c_g, c_pad, groups, sd, sh, sw, *_strides5(t)), with_sums, programs
 
 
 _BLOCK_P, _BLOCK_C, _BLOCK_PACK = 64, 32, 512
-
-
-def _conversion_programs(conv) -> int:
-    return triton_cdiv(conv["P"], _BLOCK_P) * conv["G"] * triton_cdiv(conv["C_PAD"], _BLOCK_C)
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -218,71 +247,87 @@ def _pack_key(weight, geom):
             geom.dilation, geom.groups)
 
 
-_NO_CONVERSION = dict(P=0, C=1, C_PAD=1, G=1, Dd=1, Hd=1, Wd=1, sxn=0, sxc=0, sxd=0, sxh=0,
-                      sxw=0, WITH_SUMS=False)
+_NO_CONVERSION = ((0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0), False, 0)
+
+
+def _pack_plan(weight, geom, parts):
+    """prepare_kernel's packing sizes (the ints after its tensors), the phase table and the
+    programs packing takes, from the weight's sizes and strides and the geometry."""
+    g = geom.groups
+    c_in, c_out_g = weight.shape[:2]
+    c_in_g, taps = c_in // g, math.prod(geom.kernel)
+    c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
+    axes = _forward_plan(geom)
+    rows = phase_table(axes, c_out_g)
+    fwd_programs = triton_cdiv(max([c_out_g * r[3] * r[4] * r[5] * c_src for r in rows]
+                                   + [1]), _BLOCK_PACK)
+    dgrad_programs = triton_cdiv(max(c_in_g * taps * c_dy, 1), _BLOCK_PACK)
+    pack_fwd = "fwd" in parts and weight.numel() > 0
+    pack_dgrad = "dgrad" in parts and weight.numel() > 0
+    programs = g * (len(rows) * fwd_programs * pack_fwd + dgrad_programs * pack_dgrad)
+    ints = (c_in_g, c_out_g, c_src, c_dy, taps, *_sizes3(geom.kernel),
+            *[a["JS"] for a in axes], *_strides5(weight), len(rows), g, fwd_programs,
+            dgrad_programs)
+    return _Plan(ints=ints, table=_table(rows, weight.device), programs=programs,
+                 pack_fwd=pack_fwd, pack_dgrad=pack_dgrad,
+                 fwd_shape=(g, c_out_g * taps * c_src), dgrad_shape=(g, c_in_g * taps * c_dy))
 
 
 def _prepare(weight, geom, parts, convert=None):
     """One launch of prepare_kernel: the packed weights ``parts`` ("fwd": [groups, C_out/g x
-    taps x C_SRC], "dgrad": [groups, C_in/g x taps x C_DY]) and, with ``convert``
-    (_convert_args), a source put into the kernel layout. ``weight`` None: the conversion
-    alone. Returns {part: tensor}."""
+    taps x C_SRC], "dgrad": [groups, C_in/g x taps x C_DY]) and, with ``convert`` ((source,
+    its kernel-layout buffer, the grad_bias partial sums or None, _convert_ints)), a source put
+    into the kernel layout. ``weight`` None: the conversion alone. Returns {part: tensor}."""
     from . import triton_kernels as tk
     out = {}
     if weight is None:
-        anchor = convert["X"]
-        pack = dict(W=anchor, FWD=anchor, DGRAD=anchor, PH=anchor, ints=[0] * 20)
+        anchor = convert[0]
+        pack = _NO_PACK
+        table = anchor
     else:
-        g = geom.groups
-        c_in, c_out_g = weight.shape[:2]
-        c_in_g, taps = c_in // g, math.prod(geom.kernel)
-        c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
+        key = ("pack", geom, weight.shape, weight.stride(), weight.device, parts)
+        pack = _PLANS.get(key)
+        if pack is None:
+            pack = _keep(key, _pack_plan(weight, geom, parts))
         if "fwd" in parts:
-            out["fwd"] = buffers.empty((g, c_out_g * taps * c_src), weight.dtype, weight.device)
+            out["fwd"] = buffers.empty(pack.fwd_shape, weight.dtype, weight.device)
         if "dgrad" in parts:
-            out["dgrad"] = buffers.empty((g, c_in_g * taps * c_dy), weight.dtype, weight.device)
-        axes = _forward_plan(geom)
-        rows = phase_table(axes, c_out_g)
-        fwd_programs = triton_cdiv(max([c_out_g * r[3] * r[4] * r[5] * c_src for r in rows]
-                                       + [1]), _BLOCK_PACK)
-        dgrad_programs = triton_cdiv(max(c_in_g * taps * c_dy, 1), _BLOCK_PACK)
-        pack = dict(W=weight, FWD=out.get("fwd", weight), DGRAD=out.get("dgrad", weight),
-                    PH=_table(rows, weight.device),
-                    ints=[c_in_g, c_out_g, c_src, c_dy, taps, *_sizes3(geom.kernel),
-                          *[a["JS"] for a in axes], *_strides5(weight), len(rows), g,
-                          fwd_programs, dgrad_programs])
-    pack_fwd = "fwd" in out and weight.numel() > 0
-    pack_dgrad = "dgrad" in out and weight.numel() > 0
-    n_phases, groups, fwd_programs, dgrad_programs = pack["ints"][-4:]
-    programs = groups * (n_phases * fwd_programs * pack_fwd + dgrad_programs * pack_dgrad)
-    conv = _NO_CONVERSION if convert is None else convert
-    if convert is not None:
-        programs += _conversion_programs(convert)
+            out["dgrad"] = buffers.empty(pack.dgrad_shape, weight.dtype, weight.device)
+        anchor = weight
+        table = pack.table
+    x, xk, sums, (conv_ints, with_sums, conv_programs) = \
+        convert if convert is not None else (anchor, anchor, None, _NO_CONVERSION)
+    programs = pack.programs + conv_programs
     if programs == 0:
         return out
-    anchor = pack["W"]
-    launch(tk.prepare_kernel, (programs,), pack["W"], pack["FWD"], pack["DGRAD"], pack["PH"],
-           conv.get("X", anchor), conv.get("XK", anchor), conv.get("PARTS", anchor),
-           *pack["ints"], conv["P"], conv["C"], conv["C_PAD"], conv["G"], conv["Dd"],
-           conv["Hd"], conv["Wd"], conv["sxn"], conv["sxc"], conv["sxd"], conv["sxh"],
-           conv["sxw"], PACK_FWD=pack_fwd, PACK_DGRAD=pack_dgrad, CONVERT=convert is not None,
-           WITH_SUMS=conv["WITH_SUMS"], BLOCK=_BLOCK_PACK, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C)
+    launch(tk.prepare_kernel, (programs,), anchor, out.get("fwd", anchor),
+           out.get("dgrad", anchor), table, x, xk, sums if sums is not None else xk,
+           *pack.ints, *conv_ints, PACK_FWD=pack.pack_fwd, PACK_DGRAD=pack.pack_dgrad,
+           CONVERT=convert is not None, WITH_SUMS=with_sums, BLOCK=_BLOCK_PACK,
+           BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C)
     return out
+
+
+_NO_PACK = _Plan(ints=(0,) * 20, programs=0, pack_fwd=False, pack_dgrad=False)
 
 
 def _source(t: torch.Tensor, groups: int, with_sums: bool = False):
     """(t in the kernel layout or None if it is already there, prepare_kernel's conversion
-    arguments or None, the grad_bias partial sums buffer or None)."""
+    (see _prepare) or None, the grad_bias partial sums buffer or None)."""
     c_g = t.shape[1] // groups
     if in_kernel_layout(t, c_g) or t.numel() == 0:
         return None, None, None
     tk = _kernel_layout_buffer(t, groups)   # every element written, the padding with zeros
+    key = ("convert", t.shape, t.stride(), groups, with_sums)
+    ints = _PLANS.get(key)
+    if ints is None:
+        ints = _keep(key, _convert_ints(t, groups, with_sums))
     parts = None
     if with_sums:
         n_pblocks = triton_cdiv(t.numel() // max(t.shape[1], 1), _BLOCK_P)
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         parts = torch.empty((n_pblocks, t.shape[1]), dtype=acc, device=t.device)
-    return tk, _convert_args(t, tk, groups, parts), parts
+    return tk, (t, tk, parts, ints), parts
 
 
 def _packed_and_source(weight, geom, parts, src, reuse: bool, with_sums=False):
@@ -328,63 +373,94 @@ _SPLIT_OVERRIDE: list = []   # tests: force a number of splits
 def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activation, kind):
     """Forward (kind "fwd") or grad_input ("dgrad"), ``src`` in the kernel layout with ``c_src``
     channels per group: one launch over every phase, two where the reduction is split."""
+    from . import triton_kernels as tk
+    key = (kind, geom, c_src, c_dst_g, src.shape, src.stride(), wp.numel(), dst.shape,
+           dst.stride(), None if pre is None else pre.stride(), bias is not None, act,
+           src.dtype, src.device, cfgs.state(src.dtype), tuple(_SPLIT_OVERRIDE))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _keep(key, _conv_plan(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act,
+                                     kind))
+    if plan is _NOTHING:
+        return
+    ws = None
+    if plan.splits > 1:   # [splits, N, *spatial, C] fp32 partial sums
+        ws = torch.empty(plan.ws_shape, dtype=plan.acc, device=src.device)
+    launch(plan.kernel, plan.grid, src, wp, bias if bias is not None else wp, dst,
+           pre if pre is not None else dst, ws if ws is not None else dst, plan.table,
+           *plan.ints, **plan.kwargs)
+    cfgs.log_choice(*plan.log)
+    if plan.kernel is not tk.conv_phase_kernel:
+        cfgs.note_autotuned(kind, plan.log[0])
+    if ws is not None:
+        launch(tk.split_epilogue_kernel, plan.epilogue_grid, ws,
+               bias if bias is not None else ws, dst, pre if pre is not None else dst,
+               *plan.epilogue_ints, **plan.epilogue_kwargs)
+
+
+def _conv_plan(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act, kind):
+    """_run_conv's launches, worked out from the sizes, strides and config state (its key)."""
     import triton
     from . import triton_kernels as tk
     rows = phase_table(axes, c_dst_g)
     n = src.shape[0]
     m_max = n * max(r[0] * r[1] * r[2] for r in rows) if rows else 0
     if dst.numel() == 0 or m_max == 0:
-        return
+        return _NOTHING
     dtype = src.dtype
     taps = max(r[3] * r[4] * r[5] for r in rows)
     layout = _layout_code(dst)
     device = src.device
-    cfg = cfgs.choose_config(kind, m_max, c_src, c_dst_g, dtype, taps, layout, device)
+    log = cfgs.choose(kind, m_max, c_src, c_dst_g, dtype, taps, layout, device)
+    cfg = log[2]
     nominal = cfg or cfgs.heuristic_config(kind, m_max, c_src, c_dst_g, dtype, layout)
     splits, c_per_split = _split_plan(m_max, c_dst_g, len(rows), geom.groups, c_src, taps,
                                       nominal, device)
-    ws = None
-    if splits > 1:   # [splits, N, *spatial, C] fp32 partial sums
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        ws = torch.empty((splits, n, *dst.shape[2:], dst.shape[1]), dtype=acc, device=device)
+    ws_shape = (splits, n, *dst.shape[2:], dst.shape[1])
+    sws = [0] * 5 if splits == 1 else _contiguous_strides(ws_shape)[:2] \
+        + [0] * (4 - (len(ws_shape) - 2)) + _contiguous_strides(ws_shape)[2:-1]
     sx, sy = _strides5(src), _strides5(dst)
     sp = _strides5(pre) if pre is not None else sy
-    sws = [0] * 5 if ws is None else [ws.stride(0), ws.stride(1)] + [0] * (4 - (ws.dim() - 2)) \
-        + list(ws.stride()[2:-1])
     taps_total = sum(r[3] * r[4] * r[5] for r in rows)
-    args = (src, wp, bias if bias is not None else wp, dst, pre if pre is not None else dst,
-            ws if ws is not None else dst, _table(rows, device), n, c_src, c_dst_g,
+    ints = (n, c_src, c_dst_g,
             *[a["L"] for a in axes], *[a["A"] for a in axes], *[a["S"] for a in axes],
             *[a["STEP"] for a in axes], sx[0], *sx[2:], *sy, *sp, *sws[1:], sws[0], taps_total,
             float(act.param), m_max, len(rows), c_per_split,
             cfgs.bucket(c_src), cfgs.bucket(c_dst_g), taps, cfgs.m_bucket(m_max), layout)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     pixel_major = dst.dim() >= 3 and dst.stride(1) != 1
-    meta_const = dict(ACT=act.code, HAS_BIAS=bias is not None, HAS_PRE=pre is not None,
-                      ACC_FP64=dtype == torch.float64,
-                      UPCAST=interpreting() and dtype == torch.bfloat16,
-                      PRECISION=cfgs.precision(dtype), SPLIT=splits > 1,
-                      PIXEL_MAJOR_OUT=pixel_major, IDX64=_idx64(src, wp, dst, pre, ws))
+    kwargs = dict(ACT=act.code, HAS_BIAS=bias is not None, HAS_PRE=pre is not None,
+                  ACC_FP64=dtype == torch.float64,
+                  UPCAST=interpreting() and dtype == torch.bfloat16,
+                  PRECISION=cfgs.precision(dtype), SPLIT=splits > 1,
+                  PIXEL_MAJOR_OUT=pixel_major,
+                  IDX64=_idx64(src, wp, dst, pre) or (splits > 1 and
+                                                      math.prod(ws_shape) >= 2 ** 31))
+    n_rows = len(rows)
 
     def grid(meta):
         return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_dst_g, meta["BLOCK_N"])
-                * len(rows), splits, geom.groups)
+                * n_rows, splits, geom.groups)
 
     if cfg is None:
-        launch(cfgs.tuned_kernel(kind), grid, *args, **meta_const)
-        cfgs.note_autotuned(kind, cfgs.shape_key(kind, dtype, c_src, c_dst_g, taps, m_max,
-                                                 layout, cfgs.device_name(device)))
+        kernel = cfgs.tuned_kernel(kind)
     else:
+        kernel = tk.conv_phase_kernel
         meta, launch_opts = cfgs.split_launch_options(cfg)
-        launch(tk.conv_phase_kernel, grid(meta), *args, **meta_const, **meta, **launch_opts)
-    if ws is not None:
+        grid = grid(meta)
+        kwargs.update(meta, **launch_opts)
+    plan = _Plan(kernel=kernel, grid=grid, table=_table(rows, device), ints=ints,
+                 kwargs=kwargs, log=log, splits=splits, ws_shape=ws_shape, acc=acc)
+    if splits > 1:
         block = 1024
-        numel = ws[0].numel()
-        out_sp = _sizes3(dst.shape[2:])
-        launch(tk.split_epilogue_kernel, (triton.cdiv(numel, block),),
-               ws, bias if bias is not None else ws, dst, pre if pre is not None else dst,
-               numel, dst.shape[1], *out_sp, splits, *sy, *sp, float(act.param),
-               ACT=act.code, HAS_BIAS=bias is not None, HAS_PRE=pre is not None,
-               ACC_FP64=dtype == torch.float64, BLOCK=block)
+        numel = math.prod(ws_shape[1:])
+        plan.epilogue_grid = (triton.cdiv(numel, block),)
+        plan.epilogue_ints = (numel, dst.shape[1], *_sizes3(dst.shape[2:]), splits, *sy, *sp,
+                              float(act.param))
+        plan.epilogue_kwargs = dict(ACT=act.code, HAS_BIAS=bias is not None,
+                                    HAS_PRE=pre is not None, ACC_FP64=dtype == torch.float64,
+                                    BLOCK=block)
+    return plan
 
 
 def forward(x, weight, bias, geom: Geometry, act: Activation, keep_pre: bool, state=None):
@@ -448,15 +524,38 @@ def wgrad_splits(m_max: int, tiles: int, block_k: int, device: torch.device) -> 
 
 def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
     """dW from x and grad_out in the kernel layout; with ``parts``, db summed from them too."""
-    import triton
     from . import triton_kernels as tk
-    g = geom.groups
-    c_in, c_out_g = weight_shape[0], weight_shape[1]
-    c_in_g = c_in // g
-    c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
     dw = buffers.empty(tuple(weight_shape), dtype, xk.device)
     if dw.numel() == 0 and db is None:
         return dw
+    key = ("wgrad", geom, tuple(weight_shape), xk.shape, xk.stride(), gk.shape, gk.stride(),
+           None if parts is None else parts.shape, db is not None, dtype, xk.device,
+           cfgs.state(dtype))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _keep(key, _wgrad_plan(xk, gk, dw, geom, dtype, parts, db))
+    out = dw if plan.splits == 1 else buffers.empty(plan.ws_shape, plan.acc, xk.device)
+    launch(plan.kernel, plan.grid, xk, gk, out, plan.table,
+           parts if parts is not None else out, db if db is not None else out,
+           *plan.ints, **plan.kwargs)
+    cfgs.log_choice(*plan.log)
+    if plan.kernel is not tk.wgrad_phase_kernel:
+        cfgs.note_autotuned("wgrad", plan.log[0])
+    if plan.splits > 1:
+        launch(tk.sum_splits_kernel, plan.sum_grid, out, dw, dw.numel(), plan.splits,
+               ACC_FP64=dtype == torch.float64, BLOCK=plan.sum_block)
+    return dw
+
+
+def _wgrad_plan(xk, gk, dw, geom, dtype, parts, db):
+    """_grad_weight_with's launches, worked out from the sizes, strides and config state."""
+    import triton
+    from . import triton_kernels as tk
+    g = geom.groups
+    weight_shape = tuple(dw.shape)
+    c_in, c_out_g = weight_shape[0], weight_shape[1]
+    c_in_g = c_in // g
+    c_src, c_dy = _pad(c_in_g), _pad(c_out_g)
     axes = _forward_plan(geom)
     rows = phase_table(axes, c_out_g)
     n = xk.shape[0]
@@ -464,7 +563,8 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
     taps = max(r[3] * r[4] * r[5] for r in rows)
     layout = 1
     device = xk.device
-    cfg = cfgs.choose_config("wgrad", m_max, c_src, c_out_g, dtype, taps, layout, device)
+    log = cfgs.choose("wgrad", m_max, c_src, c_out_g, dtype, taps, layout, device)
+    cfg = log[2]
     nominal = cfg or cfgs.heuristic_config("wgrad", m_max, c_src, c_out_g, dtype)
     kp_max = taps * c_src
     tiles = triton.cdiv(kp_max, nominal["BLOCK_M"]) * triton.cdiv(c_out_g, nominal["BLOCK_N"])
@@ -473,39 +573,39 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
         * WGRAD_SPLIT_ALIGN
     splits = max(1, triton.cdiv(m_max, per_split))
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    out = dw if splits == 1 else buffers.empty((splits, *weight_shape), acc_dtype, device)
+    ws_shape = (splits, *weight_shape)
     c_total = c_out_g * g
     sx, sy = _strides5(xk), _strides5(gk)
-    args = (xk, gk, out, _table(rows, device), parts if parts is not None else out,
-            db if db is not None else out, n, c_src, c_in_g, c_dy, c_out_g,
+    ints = (n, c_src, c_in_g, c_dy, c_out_g,
             *[a["L"] for a in axes], *[a["S"] for a in axes], *[a["STEP"] for a in axes],
             *[a["JS"] for a in axes], sx[0], *sx[2:], sy[0], *sy[2:],
-            out.stride(0) if splits > 1 else 0, *_strides5(dw), splits, per_split, len(rows),
-            parts.shape[0] if parts is not None else 0, c_total,
+            _contiguous_strides(ws_shape)[0] if splits > 1 else 0, *_strides5(dw), splits,
+            per_split, len(rows), parts.shape[0] if parts is not None else 0, c_total,
             cfgs.bucket(c_src), cfgs.bucket(c_out_g), taps, cfgs.m_bucket(m_max), layout)
-    meta_const = dict(ACC_FP64=dtype == torch.float64,
-                      UPCAST=interpreting() and dtype == torch.bfloat16,
-                      PRECISION=cfgs.precision(dtype), IDX64=_idx64(xk, gk, out),
-                      BIAS_PARTS=db is not None)
+    kwargs = dict(ACC_FP64=dtype == torch.float64,
+                  UPCAST=interpreting() and dtype == torch.bfloat16,
+                  PRECISION=cfgs.precision(dtype),
+                  IDX64=_idx64(xk, gk, dw) or (splits > 1 and math.prod(ws_shape) >= 2 ** 31),
+                  BIAS_PARTS=db is not None)
+    n_rows = len(rows)
 
     def grid(meta):
         tiles = triton.cdiv(kp_max, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"])
         if db is not None:
             tiles = max(tiles, triton.cdiv(c_total, meta["BLOCK_N"]))
-        return (tiles, len(rows) + (db is not None), g * splits)
+        return (tiles, n_rows + (db is not None), g * splits)
 
     if cfg is None:
-        launch(cfgs.tuned_kernel("wgrad"), grid, *args, **meta_const)
-        cfgs.note_autotuned("wgrad", cfgs.shape_key("wgrad", dtype, c_src, c_out_g, taps, m_max,
-                                                    layout, cfgs.device_name(device)))
+        kernel = cfgs.tuned_kernel("wgrad")
     else:
+        kernel = tk.wgrad_phase_kernel
         meta, launch_opts = cfgs.split_launch_options(cfg)
-        launch(tk.wgrad_phase_kernel, grid(meta), *args, **meta_const, **meta, **launch_opts)
-    if splits > 1:
-        block = 1024
-        launch(tk.sum_splits_kernel, (triton.cdiv(dw.numel(), block),), out, dw, dw.numel(),
-               splits, ACC_FP64=dtype == torch.float64, BLOCK=block)
-    return dw
+        grid = grid(meta)
+        kwargs.update(meta, **launch_opts)
+    block = 1024
+    return _Plan(kernel=kernel, grid=grid, table=_table(rows, device), ints=ints,
+                 kwargs=kwargs, log=log, splits=splits, ws_shape=ws_shape, acc=acc_dtype,
+                 sum_block=block, sum_grid=(triton.cdiv(dw.numel(), block),))
 
 
 def grad_weight(x, grad, weight_shape, geom: Geometry, dtype, state=None):
