@@ -1,6 +1,7 @@
 """The Triton engine's host work per call, without a GPU: every launch is counted and dropped
-(a launch recorder, as ``triton_engine.capture_launches`` uses them), so what is timed is the Python from the module call to
-Triton's launcher (not the launcher itself). CPU tensors under TRITON_INTERPRET=1, one thread.
+(a launch recorder, as ``triton_engine.capture_launches`` uses them), so what is timed is the
+Python from the module call to Triton's launcher (not the launcher itself). CPU tensors under
+TRITON_INTERPRET=1, one thread.
 
     python -m perf.host_cost                       # the quick layers
     python -m perf.host_cost --layers dcgan/256 --profile 25
