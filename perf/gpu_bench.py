@@ -350,8 +350,15 @@ def run(args):
 
 # ------------------------------------------------------------------------------ the report
 def load_rows(out_dir):
+    """The rows of a run; a line cut off by a killed run is skipped."""
+    rows = []
     with open(os.path.join(out_dir, "rows.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _geomean(values):

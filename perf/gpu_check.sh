@@ -39,12 +39,14 @@ start=$(date +%s)
 } 2>&1 | tee "$OUT/tests.log"
 xdist=""
 python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
-timeout -s INT "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests \
+timeout -s INT -k 20 "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests \
   -k "triton or cuda" $xdist --tb=short -rfE 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 spent=$(( $(date +%s) - start ))
 budget=$(( total - spent - 60 ))          # the last layer started and the report fit in 60 s
-timeout -s INT $(( total - spent - 20 )) python3 -m perf.gpu_bench --full \
+hard=$(( total - spent - 20 ))
+[ "$hard" -lt 10 ] && hard=10              # SIGINT at the hard limit, SIGKILL 20 s later
+timeout -s INT -k 20 "$hard" python3 -m perf.gpu_bench --full \
   --dtypes float32 bfloat16 --impls $impls --out "$OUT" --budget-s "$budget" \
   2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}

@@ -156,6 +156,7 @@ def test_cpp_engine_uses_the_cache():
 def test_steady_calls_reuse_their_launch_plans(monkeypatch):
     """Host work: what a launch derives from sizes, strides and the config state is worked out
     once per signature (launch plans); a steady training step makes none, whatever the data."""
+    monkeypatch.setattr(triton_engine, "_PLANS", {})   # earlier tests ran this signature
     made = []
     for name in ("_conv_plan", "_wgrad_plan", "_pack_plan", "_convert_ints"):
         real = getattr(triton_engine, name)

@@ -375,7 +375,7 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activati
     channels per group: one launch over every phase, two where the reduction is split."""
     from . import triton_kernels as tk
     key = (kind, geom, c_src, c_dst_g, src.shape, src.stride(), wp.numel(), dst.shape,
-           dst.stride(), None if pre is None else pre.stride(), bias is not None, act,
+           dst.stride(), None if pre is None else (pre.shape, pre.stride()), bias is not None, act,
            src.dtype, src.device, cfgs.state(src.dtype), tuple(_SPLIT_OVERRIDE))
     plan = _PLANS.get(key)
     if plan is None:
@@ -386,10 +386,10 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activati
     ws = None
     if plan.splits > 1:   # [splits, N, *spatial, C] fp32 partial sums
         ws = torch.empty(plan.ws_shape, dtype=plan.acc, device=src.device)
+    cfgs.log_choice(*plan.log)
     launch(plan.kernel, plan.grid, src, wp, bias if bias is not None else wp, dst,
            pre if pre is not None else dst, ws if ws is not None else dst, plan.table,
            *plan.ints, **plan.kwargs)
-    cfgs.log_choice(*plan.log)
     if plan.kernel is not tk.conv_phase_kernel:
         cfgs.note_autotuned(kind, plan.log[0])
     if ws is not None:
@@ -535,10 +535,10 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
     if plan is None:
         plan = _keep(key, _wgrad_plan(xk, gk, dw, geom, dtype, parts, db))
     out = dw if plan.splits == 1 else buffers.empty(plan.ws_shape, plan.acc, xk.device)
+    cfgs.log_choice(*plan.log)
     launch(plan.kernel, plan.grid, xk, gk, out, plan.table,
            parts if parts is not None else out, db if db is not None else out,
            *plan.ints, **plan.kwargs)
-    cfgs.log_choice(*plan.log)
     if plan.kernel is not tk.wgrad_phase_kernel:
         cfgs.note_autotuned("wgrad", plan.log[0])
     if plan.splits > 1:
@@ -587,13 +587,13 @@ def _wgrad_plan(xk, gk, dw, geom, dtype, parts, db):
                   PRECISION=cfgs.precision(dtype),
                   IDX64=_idx64(xk, gk, dw) or (splits > 1 and math.prod(ws_shape) >= 2 ** 31),
                   BIAS_PARTS=db is not None)
-    n_rows = len(rows)
+    n_rows, has_db = len(rows), db is not None   # the grid keeps no tensor alive
 
     def grid(meta):
         tiles = triton.cdiv(kp_max, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"])
-        if db is not None:
+        if has_db:
             tiles = max(tiles, triton.cdiv(c_total, meta["BLOCK_N"]))
-        return (tiles, n_rows + (db is not None), g * splits)
+        return (tiles, n_rows + has_db, g * splits)
 
     if cfg is None:
         kernel = cfgs.tuned_kernel("wgrad")
