@@ -62,3 +62,6 @@ def test_a_cut_off_run_lists_what_it_left(tmp_path, monkeypatch):
     assert len(calls) == 3 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 3
     assert meta["left_unmeasured"][0] == [calls[-1][0], "bfloat16", "forward+backward"]
     assert len(meta["left_unmeasured"]) == 8 - 3
+    with open(tmp_path / "rows.jsonl", "a") as f:   # a row cut off by the kill
+        f.write('{"layer": "dcgan/512-25')
+    assert len(gpu_bench.load_rows(str(tmp_path))) == 3
