@@ -19,6 +19,8 @@ and per implementation:
   first_ms      the first call: Triton's compile and autotune, cuDNN's algorithm search
   eager_ms      median of triton.testing.do_bench, rounds interleaved across implementations
   graph_ms      the call captured in a CUDA graph and replayed (no launch overhead)
+  host_ms       median host time of one call, from its start to its return with the device
+                idle before it (Python, dispatch and launches; the kernels left running)
   peak_mb       memory allocated during one call beyond what was allocated before it
                 (outputs and gradients included: the same for every implementation)
   err           max |result - reference| / max |reference|, the reference cuDNN's in float64
@@ -109,6 +111,21 @@ def bench_ms(fn, device) -> float:
         return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
     from perf.runner import time_ms
     return time_ms(fn, device)
+
+
+def host_ms(fn, device, calls: int = 25) -> float:
+    """Median host time of one call of ``fn``: the device is synchronised before each call and
+    not after, so what is timed is the host's work (None off CUDA, where it is the whole call)."""
+    if device != "cuda":
+        return None
+    ts = []
+    for _ in range(calls):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - start)
+    sync(device)
+    return statistics.median(ts) * 1e3
 
 
 def graph_ms(fn, device):
@@ -270,6 +287,7 @@ def measure_layer(layer, device, dtype_name, mode, impl_names, flaggems, rounds,
         if samples[n]:
             row["eager_ms"] = statistics.median(samples[n])
             row["tflops"] = flops / (row["eager_ms"] * 1e-3) / 1e12
+        row["host_ms"] = host_ms(call, device)
         try:
             row["graph_ms"] = graph_ms(call, device)
         except Exception as exc:
@@ -405,7 +423,8 @@ def markdown(rows, summary, meta) -> str:
              f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, CUDA "
              f"{meta.get('cuda')}, cuDNN {meta.get('cudnn')}; TF32 flags {meta['tf32']}; "
              f"KSTCONV_AUTOTUNE={meta['autotune']}; FlagGems: {meta['flaggems']}.", "",
-             "Times in ms (eager: do_bench median; graph: CUDA-graph replay). ×cuDNN: the best "
+             "Times in ms (eager: do_bench median; graph: CUDA-graph replay; host: one "
+             "call's host time, the device idle before it). ×cuDNN: the best "
              "cuDNN layout over the best of ours. err: max relative error against cuDNN in "
              "float64.", "",
              "Matmul peak (TFLOP/s, same dtype and flags): "
@@ -414,14 +433,15 @@ def markdown(rows, summary, meta) -> str:
     if meta.get("left_unmeasured"):
         lines += [f"Not measured (time budget): {len(meta['left_unmeasured'])} "
                   f"(layer, dtype, mode): {meta['left_unmeasured']}", ""]
-    head = "| layer | dtype | mode | impl | first ms | eager ms | graph ms | TFLOP/s | peak MB " \
-           "| err | ok |"
+    head = "| layer | dtype | mode | impl | first ms | eager ms | graph ms | host ms | TFLOP/s " \
+           "| peak MB | err | ok |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     f = lambda v, p=3: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
     for r in rows:
         lines.append(f"| {r['layer']} | {r['dtype']} | {r['mode']} | {r['impl']} | "
                      f"{f(r.get('first_ms'), 1)} | {f(r.get('eager_ms'), 4)} | "
-                     f"{f(r.get('graph_ms'), 4)} | {f(r.get('tflops'), 1)} | "
+                     f"{f(r.get('graph_ms'), 4)} | {f(r.get('host_ms'), 4)} | "
+                     f"{f(r.get('tflops'), 1)} | "
                      f"{f(r.get('peak_mb'), 1)} | "
                      f"{'%.1e' % r['err'] if 'err' in r else r.get('error', '-')[:60]} | "
                      f"{f(r.get('ok'))} |")

@@ -25,6 +25,7 @@ def test_rows_are_written_as_measured_and_reported(tmp_path):
         assert "error" not in row, row
         assert row["ok"] and row["err"] < 1e-5 and row["eager_ms"] > 0, row
         assert row["graph_ms"] is None and row["peak_mb"] is None   # CUDA only
+        assert row["host_ms"] is None
     with open(tmp_path / "meta-float32.json", "w") as f:
         json.dump(gpu_bench.metadata("cpu"), f)
     gpu_bench.report(str(tmp_path))
