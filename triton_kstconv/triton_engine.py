@@ -248,6 +248,7 @@ def _pack_key(weight, geom):
 
 
 _NO_CONVERSION = ((0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0), False, 0)
+_NO_PACK = _Plan(ints=(0,) * 20, programs=0, pack_fwd=False, pack_dgrad=False)
 
 
 def _pack_plan(weight, geom, parts):
@@ -306,9 +307,6 @@ def _prepare(weight, geom, parts, convert=None):
            CONVERT=convert is not None, WITH_SUMS=with_sums, BLOCK=_BLOCK_PACK,
            BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C)
     return out
-
-
-_NO_PACK = _Plan(ints=(0,) * 20, programs=0, pack_fwd=False, pack_dgrad=False)
 
 
 def _source(t: torch.Tensor, groups: int, with_sums: bool = False):
@@ -417,8 +415,8 @@ def _conv_plan(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act, kind):
     splits, c_per_split = _split_plan(m_max, c_dst_g, len(rows), geom.groups, c_src, taps,
                                       nominal, device)
     ws_shape = (splits, n, *dst.shape[2:], dst.shape[1])
-    sws = [0] * 5 if splits == 1 else _contiguous_strides(ws_shape)[:2] \
-        + [0] * (4 - (len(ws_shape) - 2)) + _contiguous_strides(ws_shape)[2:-1]
+    st = _contiguous_strides(ws_shape)
+    sws = [0] * 5 if splits == 1 else st[:2] + [0] * (4 - (len(ws_shape) - 2)) + st[2:-1]
     sx, sy = _strides5(src), _strides5(dst)
     sp = _strides5(pre) if pre is not None else sy
     taps_total = sum(r[3] * r[4] * r[5] for r in rows)
