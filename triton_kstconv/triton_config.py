@@ -255,22 +255,16 @@ def state(dtype) -> tuple:
     return (config.knobs(), forced, _TABLES_READ[0], interpreting(), precision(dtype))
 
 
-def choose_config(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int,
-                  layout: int, device: torch.device):
-    """A config dict, or None to autotune (see the module docstring for the order)."""
-    key, source, cfg = choose(kind, m, c_src_g, c_dst_g, dtype, taps, layout, device)
-    log_choice(key, source, cfg)
-    return cfg
-
-
 def log_choice(key: str, source: str, cfg):
+    """Record in config_log where a launch's config came from (``choose``'s answer)."""
     if config_log.get(key, (None,))[0] != source:
         config_log[key] = (source, cfg)
 
 
 def choose(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int, layout: int,
            device: torch.device):
-    """(shape key, where the config comes from, the config or None to autotune)."""
+    """(shape key, where the config comes from, the config dict or None to autotune), in the
+    order the module docstring gives."""
     key = shape_key(kind, dtype, c_src_g, c_dst_g, taps, m, layout, device_name(device))
     if _FORCED:
         source, cfg = "forced", _FORCED[-1]

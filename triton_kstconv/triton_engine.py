@@ -159,10 +159,13 @@ _PLANS: dict = {}
 _PLANS_MAX = 4096
 
 
-def _keep(key, plan):
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
-    _PLANS[key] = plan
+def _plan(key, make, *args):
+    """The plan kept under ``key``, made by ``make(*args)`` the first time."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = make(*args)
     return plan
 
 
@@ -287,9 +290,7 @@ def _prepare(weight, geom, parts, convert=None):
         table = anchor
     else:
         key = ("pack", geom, weight.shape, weight.stride(), weight.device, parts)
-        pack = _PLANS.get(key)
-        if pack is None:
-            pack = _keep(key, _pack_plan(weight, geom, parts))
+        pack = _plan(key, _pack_plan, weight, geom, parts)
         if "fwd" in parts:
             out["fwd"] = buffers.empty(pack.fwd_shape, weight.dtype, weight.device)
         if "dgrad" in parts:
@@ -317,9 +318,7 @@ def _source(t: torch.Tensor, groups: int, with_sums: bool = False):
         return None, None, None
     tk = _kernel_layout_buffer(t, groups)   # every element written, the padding with zeros
     key = ("convert", t.shape, t.stride(), groups, with_sums)
-    ints = _PLANS.get(key)
-    if ints is None:
-        ints = _keep(key, _convert_ints(t, groups, with_sums))
+    ints = _plan(key, _convert_ints, t, groups, with_sums)
     parts = None
     if with_sums:
         n_pblocks = triton_cdiv(t.numel() // max(t.shape[1], 1), _BLOCK_P)
@@ -375,10 +374,8 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activati
     key = (kind, geom, c_src, c_dst_g, src.shape, src.stride(), wp.numel(), dst.shape,
            dst.stride(), None if pre is None else (pre.shape, pre.stride()), bias is not None, act,
            src.dtype, src.device, cfgs.state(src.dtype), tuple(_SPLIT_OVERRIDE))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _keep(key, _conv_plan(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act,
-                                     kind))
+    plan = _plan(key, _conv_plan, src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act,
+                 kind)
     if plan is _NOTHING:
         return
     ws = None
@@ -529,9 +526,7 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
     key = ("wgrad", geom, tuple(weight_shape), xk.shape, xk.stride(), gk.shape, gk.stride(),
            None if parts is None else parts.shape, db is not None, dtype, xk.device,
            cfgs.state(dtype))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _keep(key, _wgrad_plan(xk, gk, dw, geom, dtype, parts, db))
+    plan = _plan(key, _wgrad_plan, xk, gk, dw, geom, dtype, parts, db)
     out = dw if plan.splits == 1 else buffers.empty(plan.ws_shape, plan.acc, xk.device)
     cfgs.log_choice(*plan.log)
     launch(plan.kernel, plan.grid, xk, gk, out, plan.table,
