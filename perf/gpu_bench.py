@@ -505,6 +505,7 @@ def report(out_dirs, out_dir=None):
     meta["peak_tflops"] = {k: v for m in metas for k, v in m.get("peak_tflops", {}).items()}
     meta["left_unmeasured"] = [x for m in metas for x in m.get("left_unmeasured", [])]
     summary = summarize(rows)
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=1)
     md = markdown(rows, summary, meta)
