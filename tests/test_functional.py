@@ -194,7 +194,9 @@ def test_profiler_names_the_op(backend):
         K.conv_transpose2d(x, w, stride=2, padding=1, backend=backend).sum().backward()
         with torch.no_grad():
             K.conv_transpose2d(x, w, stride=2, padding=1, backend=backend)
-    names = [e.name for e in prof.events()]
+    # CPU-side ranges only: on CUDA the profiler repeats each range as a GPU user annotation
+    # (the H200 run, 2026-11-30, counted 4)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     assert names.count("kstconv::conv_transpose") == 2
     assert names.count("kstconv::conv_transpose_backward") == 1
 
