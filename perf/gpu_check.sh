@@ -10,13 +10,17 @@
 # 2. the CUDA tests (`-k "triton or cuda"`, in parallel where pytest-xdist is there), stopped
 #    with SIGINT at GPU_TESTS_S (default 150 s) so that pytest still prints which tests failed
 #    and why (the first run, 2026-11-30, lost both to a SIGTERM);
-# 3. the real-layer suite, float32 (PyTorch's TF32 flags) and bfloat16 layer by layer, ours
+# 3. `perf.host_cost --split cuda` on three layers (GPU_SPLIT_S, 90 s at most): a training
+#    call's host time split into Triton's launches, the engine's own work and autograd's, with
+#    cuDNN's beside it (the second run measured ~1.1 ms against cuDNN's 0.27);
+# 4. the real-layer suite, float32 (PyTorch's TF32 flags) and bfloat16 layer by layer, ours
 #    and cuDNN in both layouts (GPU_IMPLS; zero insertion costs minutes on the k64s32 layer),
 #    each row appended to rows.jsonl as it is measured; no layer is started after the budget,
 #    and a layer still running at the hard limit is killed (its rows so far are kept);
-# 4. the report (gpu.json / .md / .png) from whatever rows there are.
+# 5. the report (gpu.json / .md / .png) from whatever rows there are.
 #
-# At most 8 files come back: tests.log, bench.log, rows.jsonl, meta-*.json, gpu.json/.md/.png.
+# At most 8 files come back: tests.log, host_split.md, bench.log, rows.jsonl, meta-*.json,
+# gpu.json/.md/.png.
 # Triton configs: the shipped tuning table where it has the layer, else the heuristic
 # (KSTCONV_AUTOTUNE=0); KSTCONV_AUTOTUNE=1 tunes on the fly (slow). FlagGems competes where a
 # wheel of it travels in .whl/ (carry .whl and add flaggems to GPU_IMPLS).
@@ -42,6 +46,9 @@ python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
 timeout -s INT -k 20 "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests \
   -k "triton or cuda" $xdist --tb=short -rfE 2>&1 | tee -a "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
+# where a training call's host time goes (Triton's launches, the engine, autograd), vs cuDNN
+timeout -s INT -k 10 "${GPU_SPLIT_S:-90}" python3 -m perf.host_cost --split cuda \
+  --layers "dcgan/256-128@8" "fcn/21-21@16 k4s2" "pix2pix/1024-512@2" 2>&1 | tee "$OUT/host_split.md"
 spent=$(( $(date +%s) - start ))
 budget=$(( total - spent - 60 ))          # the last layer started and the report fit in 60 s
 hard=$(( total - spent - 20 ))

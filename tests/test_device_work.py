@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import triton_kstconv as K
-from conftest import CUDA, backends
+from conftest import CUDA, backends, device_for
 from device_work import count_device_work
 from triton_kstconv import triton_engine, weight_cache
 
@@ -211,3 +211,21 @@ def test_host_cost_tool_counts_a_training_step():
     assert r["launches"] == 5 and r["calls_per_step"] > 0
     assert r["train_us"][1] > 0 and r["infer_us"][1] > 0
     assert triton_engine._RECORDERS == []
+
+
+def test_host_cost_split_times_the_parts_of_a_training_call():
+    """``perf.host_cost --split`` (run by gpu_check.sh on the GPU): launches running, the
+    call's parts add up, every launch is timed, and the engine is left unwrapped."""
+    from perf import host_cost
+    from perf.layers import Layer
+    layer = Layer("test", "4-4@2 k4s2p1", 1, 4, 4, (2, 2), 4, 2, 1)
+    r = host_cost.split(layer, device_for("triton"), calls=1, warmup=1)
+    o = r["ours"]
+    assert o["launches"] >= 3                      # pack, forward GEMM, grad_weight at least
+    assert 0 < o["launch_us"] <= o["engine_forward_us"] + o["engine_backward_us"]
+    assert o["engine_forward_us"] <= o["forward_us"]
+    assert 0 <= o["autograd_backward_us"] < o["backward_us"]
+    assert r["stock"]["forward_us"] > 0 and r["stock"]["backward_us"] > 0
+    assert "| test/4-4@2 k4s2p1 |" in host_cost.split_markdown([r])
+    assert triton_engine.launch.__name__ == "launch"
+    assert triton_engine.joint_backward.__name__ == "joint_backward"
