@@ -229,3 +229,58 @@ def test_host_cost_split_times_the_parts_of_a_training_call():
     assert "| test/4-4@2 k4s2p1 |" in host_cost.split_markdown([r])
     assert triton_engine.launch.__name__ == "launch"
     assert triton_engine.joint_backward.__name__ == "joint_backward"
+
+
+@pytest.mark.skipif(not triton_engine.interpreting() and not CUDA,
+                    reason="needs the interpreter or a GPU")
+def test_an_autotuned_plan_then_launches_its_choice_directly(monkeypatch):
+    """After its first launch through Triton's autotuner, a plan launches the chosen config
+    straight to the kernel (the autotuner's dispatch costs host time every call): one launch
+    through the autotuner per pass, the same results, the choice in config_log."""
+    import triton
+    import torch.nn.functional as F
+    from triton_kstconv import triton_config as cfgs
+    from triton_kstconv import triton_kernels as tk
+    tuners, runs = {}, {}
+
+    def tuned_kernel(kind):
+        if kind not in tuners:
+            meta = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
+            base = tk.wgrad_phase_kernel if kind == "wgrad" else tk.conv_phase_kernel
+            if kind != "wgrad":
+                meta["GROUP_M"] = 1
+            tuner = triton.autotune([triton.Config(meta, num_warps=4, num_stages=1)],
+                                    key=[])(base)
+            run = tuner.run
+
+            def counted(*args, **kwargs):
+                runs[kind] = runs.get(kind, 0) + 1
+                return run(*args, **kwargs)
+            tuner.run = counted
+            tuners[kind] = tuner
+        return tuners[kind]
+
+    choose = cfgs.choose
+    monkeypatch.setattr(cfgs, "tuned_kernel", tuned_kernel)
+    monkeypatch.setattr(cfgs, "choose", lambda *a: (choose(*a)[0], "autotune", None))
+    monkeypatch.setattr(triton_engine, "_PLANS", {})
+    cfgs.config_log.clear()
+    dev = device_for("triton")
+    x = torch.randn(2, 8, 5, 6, device=dev, requires_grad=True)
+    w = torch.randn(8, 4, 4, 4, device=dev, requires_grad=True)
+    b = torch.randn(4, device=dev, requires_grad=True)
+    gy = torch.randn(2, 4, 10, 12, device=dev)
+    ref = F.conv_transpose2d(x, w, b, stride=2, padding=1)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
+    for _ in range(3):
+        y = K.conv_transpose2d(x, w, b, stride=2, padding=1, backend="triton")
+        grads = torch.autograd.grad(y, (x, w, b), gy)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert runs == {"fwd": 1, "dgrad": 1, "wgrad": 1}
+    logged = {k.split("|")[0]: v for k, v in cfgs.config_log.items()}
+    assert logged["fwd"] == ("autotune", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1,
+                                              num_warps=4, num_stages=1))
+    assert logged["wgrad"] == ("autotune", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
+                                                num_warps=4, num_stages=1))

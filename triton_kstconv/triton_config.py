@@ -289,12 +289,13 @@ def choose(kind: str, m: int, c_src_g: int, c_dst_g: int, dtype, taps: int, layo
     return key, source, cfg
 
 
-def note_autotuned(kind: str, key: str):
-    """Record the config Triton's autotuner chose (for the benchmark's report)."""
-    best = getattr(tuned_kernel(kind), "best_config", None)
-    if best is not None:
-        config_log[key] = ("autotune", dict(best.kwargs, num_warps=best.num_warps,
-                                            num_stages=best.num_stages))
+def autotuned_config(kernel):
+    """The config Triton's autotuner ``kernel`` chose in its last run, as a dict (None if it
+    has not run)."""
+    best = getattr(kernel, "best_config", None)
+    if best is None:
+        return None
+    return dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 def split_launch_options(cfg: dict):

@@ -169,6 +169,23 @@ def _plan(key, make, *args):
     return plan
 
 
+def _settle(key, plan, kernel):
+    """After a launch through Triton's autotuner: the plan kept under ``key`` launches its
+    choice directly from now on. The autotuner's choice for the plan's shape key cannot change,
+    and its dispatch (argument dicts, key, grid function) costs host time on every call. The
+    grid and split keep what the autotuner ran with."""
+    cfg = None if _RECORDERS else cfgs.autotuned_config(plan.kernel)
+    if cfg is None:            # recorded, not run: nothing was chosen
+        return
+    meta, launch_opts = cfgs.split_launch_options(cfg)
+    settled = _Plan(**plan.__dict__)
+    settled.kernel, settled.grid = kernel, plan.grid(meta)
+    settled.kwargs = dict(plan.kwargs, **meta, **launch_opts)
+    settled.log = (plan.log[0], "autotune", cfg)
+    cfgs.config_log[plan.log[0]] = ("autotune", cfg)
+    _PLANS[key] = settled
+
+
 def _contiguous_strides(shape):
     strides, acc = [], 1
     for size in reversed(shape):
@@ -386,7 +403,7 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activati
            pre if pre is not None else dst, ws if ws is not None else dst, plan.table,
            *plan.ints, **plan.kwargs)
     if plan.kernel is not tk.conv_phase_kernel:
-        cfgs.note_autotuned(kind, plan.log[0])
+        _settle(key, plan, tk.conv_phase_kernel)
     if ws is not None:
         launch(tk.split_epilogue_kernel, plan.epilogue_grid, ws,
                bias if bias is not None else ws, dst, pre if pre is not None else dst,
@@ -533,7 +550,7 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
            parts if parts is not None else out, db if db is not None else out,
            *plan.ints, **plan.kwargs)
     if plan.kernel is not tk.wgrad_phase_kernel:
-        cfgs.note_autotuned("wgrad", plan.log[0])
+        _settle(key, plan, tk.wgrad_phase_kernel)
     if plan.splits > 1:
         launch(tk.sum_splits_kernel, plan.sum_grid, out, dw, dw.numel(), plan.splits,
                ACC_FP64=dtype == torch.float64, BLOCK=plan.sum_block)
