@@ -56,13 +56,24 @@ def _time(fn, rounds_ms=200.0):
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
+    """{name: [ms per round]}: every function timed once a round, the order rotated."""
     names = list(fns)
     samples = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in (order if r % 2 == 0 else order[::-1]):
             samples[n].append(_time(fns[n]))
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return samples
+
+
+def _paired(samples: dict, name: str):
+    """(median ms, speedup over stock, its quartiles): the speedup is the median of the
+    per-round ratios (stock's time over this one's in the same round), so a drift of the
+    machine between rounds cancels; the quartiles show the noise left."""
+    ratios = [s / v for s, v in zip(samples["stock"], samples[name])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 2
+    return (statistics.median(samples[name]), statistics.median(ratios),
+            (quartiles[0], quartiles[-1]))
 
 
 def _transposed_share(model, x) -> float:
@@ -131,9 +142,12 @@ def measure_model(name, factory, make_input, batch, rounds):
     t_train = _interleaved({n: step(n) for n in models}, rounds)
     rows = []
     for n in models:
-        rows.append(dict(model=name, variant=n, batch=batch, infer_ms=t_inf[n],
-                         train_ms=t_train[n], infer_speedup=t_inf["stock"] / t_inf[n],
-                         train_speedup=t_train["stock"] / t_train[n], eval_rel_err=err[n],
+        infer_ms, infer_speedup, infer_q = _paired(t_inf, n)
+        train_ms, train_speedup, train_q = _paired(t_train, n)
+        rows.append(dict(model=name, variant=n, batch=batch, infer_ms=infer_ms,
+                         train_ms=train_ms, infer_speedup=infer_speedup,
+                         train_speedup=train_speedup, infer_speedup_quartiles=infer_q,
+                         train_speedup_quartiles=train_q, eval_rel_err=err[n],
                          first_loss=losses.get(n), transposed_share_of_stock_forward=share))
     report = {"convert": [list(r) for r in rep.rows], "convert_fuse": [list(r) for r in
                                                                        rep_fuse.rows]}
@@ -145,19 +159,26 @@ def _geomean(v):
     return math.exp(sum(map(math.log, v)) / len(v)) if v else None
 
 
+def _with_quartiles(row, mode):
+    q = row.get(f"{mode}_speedup_quartiles")
+    text = f"{row[f'{mode}_speedup']:.2f}"
+    return text if q is None or row["variant"] == "stock" else f"{text} ({q[0]:.2f}-{q[1]:.2f})"
+
+
 def markdown(rows, meta) -> str:
     lines = [f"# Real models: stock vs convert() vs convert(fuse=True) — {meta['device_name']}",
              "", f"{meta['date']}, torch {meta['torch']}, {meta['threads']} threads, vector ISA "
              f"{meta.get('cpu_isa')}. Times in ms, medians of {meta['rounds']} interleaved "
-             "rounds; speedups over stock (higher is better). Training: forward, mean-square "
+             "rounds; speedups over stock (higher is better): the median of the per-round "
+             "ratios, their quartiles in brackets (the noise). Training: forward, mean-square "
              "loss, backward, SGD step. Share: the transposed layers' part of the stock eval "
              "forward.", "",
              "| model | batch | variant | infer ms | ×stock | train ms | ×stock | eval rel. err "
              "| share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['infer_ms']:.2f} | "
-                     f"{r['infer_speedup']:.2f} | {r['train_ms']:.2f} | "
-                     f"{r['train_speedup']:.2f} | {r['eval_rel_err']:.1e} | "
+                     f"{_with_quartiles(r, 'infer')} | {r['train_ms']:.2f} | "
+                     f"{_with_quartiles(r, 'train')} | {r['eval_rel_err']:.1e} | "
                      f"{100 * r['transposed_share_of_stock_forward']:.0f} % |")
     lines += ["", "| variant | geomean infer ×stock | geomean train ×stock | worst train |",
               "|---|---|---|---|"]
