@@ -213,7 +213,7 @@ def test_host_cost_tool_counts_a_training_step():
     assert triton_engine._RECORDERS == []
 
 
-def test_host_cost_split_times_the_parts_of_a_training_call():
+def test_triton_host_cost_split_times_the_parts_of_a_training_call():
     """``perf.host_cost --split`` (run by gpu_check.sh on the GPU): launches running, the
     call's parts add up, every launch is timed, and the engine is left unwrapped."""
     from perf import host_cost
@@ -233,7 +233,7 @@ def test_host_cost_split_times_the_parts_of_a_training_call():
 
 @pytest.mark.skipif(not triton_engine.interpreting() and not CUDA,
                     reason="needs the interpreter or a GPU")
-def test_an_autotuned_plan_then_launches_its_choice_directly(monkeypatch):
+def test_triton_autotuned_plan_then_launches_its_choice_directly(monkeypatch):
     """After its first launch through Triton's autotuner, a plan launches the chosen config
     straight to the kernel (the autotuner's dispatch costs host time every call): one launch
     through the autotuner per pass, the same results, the choice in config_log."""
