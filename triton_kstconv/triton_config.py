@@ -182,11 +182,6 @@ def prune(kind):
     return _prune
 
 
-def _bench_in_graph(kernel_call, quantiles):
-    from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(kernel_call, quantiles=quantiles)
-
-
 @functools.lru_cache(maxsize=None)
 def tuned_kernel(kind: str):
     """The kind's kernel wrapped in Triton's autotuner (its space, pruned per problem)."""
@@ -194,13 +189,8 @@ def tuned_kernel(kind: str):
     from . import triton_kernels as tk
     base = tk.conv_phase_kernel if kind != "wgrad" else tk.wgrad_phase_kernel
     kwargs = {}
-    params = inspect.signature(triton.autotune).parameters
-    if "cache_results" in params:
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs["cache_results"] = True   # Triton's on-disk autotune cache
-    if "do_bench" in params:
-        # kernel time in a CUDA graph: timed eagerly, a small problem's configs all read as
-        # the launch's host cost (perf/autotune.py times the same way)
-        kwargs["do_bench"] = _bench_in_graph
     return triton.autotune(config_space(kind),
                            key=["key_cin", "key_cout", "key_taps", "key_m", "key_layout"],
                            prune_configs_by={"early_config_prune": prune(kind)},

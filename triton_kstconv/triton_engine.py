@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 
 import torch
 
@@ -169,11 +170,24 @@ def _plan(key, make, *args):
     return plan
 
 
+_TUNING = threading.Lock()   # a launch through the autotuner and the read of its choice
+
+
+def _launch_planned(key, plan, kernel, *args):
+    """Launch ``plan``'s kernel; a plan still on Triton's autotuner is settled after it."""
+    if plan.kernel is kernel:
+        launch(kernel, plan.grid, *args, **plan.kwargs)
+        return
+    with _TUNING:   # best_config is the autotuner's last choice: no other launch in between
+        launch(plan.kernel, plan.grid, *args, **plan.kwargs)
+        _settle(key, plan, kernel)
+
+
 def _settle(key, plan, kernel):
     """After a launch through Triton's autotuner: the plan kept under ``key`` launches its
     choice directly from now on. The autotuner's choice for the plan's shape key cannot change,
-    and its dispatch (argument dicts, key, grid function) costs host time on every call. The
-    grid and split keep what the autotuner ran with."""
+    and its dispatch (argument dicts, key, grid function) costs host time on every call (~42
+    µs a launch on the 2-core VM, triton 3.9). The grid and split keep what it ran with."""
     cfg = None if _RECORDERS else cfgs.autotuned_config(plan.kernel)
     if cfg is None:            # recorded, not run: nothing was chosen
         return
@@ -399,11 +413,9 @@ def _run_conv(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act: Activati
     if plan.splits > 1:   # [splits, N, *spatial, C] fp32 partial sums
         ws = torch.empty(plan.ws_shape, dtype=plan.acc, device=src.device)
     cfgs.log_choice(*plan.log)
-    launch(plan.kernel, plan.grid, src, wp, bias if bias is not None else wp, dst,
-           pre if pre is not None else dst, ws if ws is not None else dst, plan.table,
-           *plan.ints, **plan.kwargs)
-    if plan.kernel is not tk.conv_phase_kernel:
-        _settle(key, plan, tk.conv_phase_kernel)
+    _launch_planned(key, plan, tk.conv_phase_kernel, src, wp,
+                    bias if bias is not None else wp, dst, pre if pre is not None else dst,
+                    ws if ws is not None else dst, plan.table, *plan.ints)
     if ws is not None:
         launch(tk.split_epilogue_kernel, plan.epilogue_grid, ws,
                bias if bias is not None else ws, dst, pre if pre is not None else dst,
@@ -546,11 +558,9 @@ def _grad_weight_with(xk, gk, weight_shape, geom, dtype, parts=None, db=None):
     plan = _plan(key, _wgrad_plan, xk, gk, dw, geom, dtype, parts, db)
     out = dw if plan.splits == 1 else buffers.empty(plan.ws_shape, plan.acc, xk.device)
     cfgs.log_choice(*plan.log)
-    launch(plan.kernel, plan.grid, xk, gk, out, plan.table,
-           parts if parts is not None else out, db if db is not None else out,
-           *plan.ints, **plan.kwargs)
-    if plan.kernel is not tk.wgrad_phase_kernel:
-        _settle(key, plan, tk.wgrad_phase_kernel)
+    _launch_planned(key, plan, tk.wgrad_phase_kernel, xk, gk, out, plan.table,
+                    parts if parts is not None else out, db if db is not None else out,
+                    *plan.ints)
     if plan.splits > 1:
         launch(tk.sum_splits_kernel, plan.sum_grid, out, dw, dw.numel(), plan.splits,
                ACC_FP64=dtype == torch.float64, BLOCK=plan.sum_block)
