@@ -21,6 +21,9 @@ import statistics
 import sys
 
 
+MARGIN = 0.97   # a candidate is tabled only if at least 3 % faster than the current config
+
+
 def parse_shape(text: str):
     from perf.layers import Layer
     v = [int(t) for t in text.split(",")]
@@ -37,6 +40,7 @@ def _bench(fn, device):
         # kernel time, replayed in a CUDA graph: timed eagerly, a small layer's configs all
         # read as the launch's host cost (the H200 sweep of 2026-11-30 floored at ~0.08 ms)
         from triton.testing import do_bench_cudagraph
+        torch.cuda.synchronize()   # its warm-up runs on a new stream, which waits for nothing
         return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
     import time
     fn()
@@ -47,7 +51,8 @@ def _bench(fn, device):
 
 def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
     """Best config per pass kind for one layer: {kind: (key, cfg, best_ms, current_ms)}, cfg
-    None where no config beats the one the engine takes now (a table's or the heuristic's)."""
+    None where no config beats by MARGIN what the engine takes now (a table's or the
+    heuristic's, and the runtime autotuner's pick where autotuning is on)."""
     import torch
     from triton_kstconv import config
     from triton_kstconv import triton_engine as te
@@ -76,7 +81,12 @@ def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
         key = next((k for k in te.config_log if k.startswith(kind + "|")), None)
         if key is None:
             continue
-        current = te.config_log[key][1]
+        baselines = [te.config_log[key][1]]
+        if not smoke and config.knobs().autotune and not te.interpreting():
+            runs[kind]()                       # the runtime autotuner's pick, where it is on
+            picked = te.config_log.get(key, (None, None))
+            if picked[0] == "autotune" and picked[1] and picked[1] not in baselines:
+                baselines.append(picked[1])
         if smoke:
             space = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4,
                           num_stages=1),
@@ -93,8 +103,10 @@ def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
             space = space[:max_configs]
         # timed the way the candidates are (forced): timed through the runtime autotuner
         # instead, the H200 sweep of 2026-11-30 compared its dispatch cost, not configs
-        with te.forced_config(current):
-            heur = _bench(runs[kind], device)
+        heur = float("inf")
+        for cfg in baselines:
+            with te.forced_config(cfg):
+                heur = min(heur, _bench(runs[kind], device))
         best = (float("inf"), None)
         for cfg in space:
             try:
@@ -105,7 +117,7 @@ def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
                 continue
             if ms < best[0]:
                 best = (ms, cfg)
-        if best[0] >= heur and not smoke:   # none beats the current config: left as it is
+        if best[0] >= MARGIN * heur and not smoke:   # none beats the current: left as it is
             best = (heur, None)
         out[kind] = (key, best[1], best[0], heur)
     return out

@@ -12,34 +12,41 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton not installed")
 
 
-def test_sweep_keeps_the_current_config_when_none_beats_it(tmp_path, monkeypatch):
-    """A config that times no faster than the one the engine takes now (the heuristic's here)
-    is not tabled, and that one is timed forced, as the candidates are (the first H200 sweep
-    timed it through the runtime autotuner, so it compared dispatch costs)."""
+@pytest.mark.parametrize("kind", ["fwd", "wgrad"])
+@pytest.mark.parametrize("candidates_ms, tabled", [
+    ((2.0, 2.0), None),         # both slower: the current config stays
+    ((1.0, 0.98), None),        # a tie, and a win inside the 3 % margin: stays
+    ((2.0, 0.5), 1),            # a clear win: the second candidate is tabled
+])
+def test_sweep_tables_a_config_only_where_it_beats_the_current_one(kind, candidates_ms, tabled,
+                                                                    monkeypatch):
+    """A config is tabled only where it times clearly faster than the one the engine takes
+    now (the heuristic's here), which is timed forced, as the candidates are (the first H200
+    sweep timed it through the runtime autotuner, so it compared dispatch costs)."""
     from perf import autotune
     from triton_kstconv import triton_config as tc
-    current_ms = {"fwd": 1.0, "dgrad": 0.5, "wgrad": 1.0}
-    tuned_ms = {"fwd": 2.0, "dgrad": 0.7, "wgrad": 1.0}        # slower, slower, a tie
+    times = iter((1.0,) + candidates_ms)
     seen = []
 
     def bench(fn, device):
         fn()                                   # the pass itself still runs (and is right)
         assert tc._FORCED, "timed outside a forced config"
         seen.append(dict(tc._FORCED[-1]))
-        return (current_ms if len(seen) == 1 else tuned_ms)[kind]
+        return next(times)
     monkeypatch.setattr(autotune, "_bench", bench)
     layer = autotune.parse_shape("1,4,4,3,3,4,2,1,0")
-    dev = device_for("triton")
-    for kind in current_ms:
-        seen.clear()
-        tc.config_log.clear()
-        res = autotune.sweep_layer(layer, torch.float32, [kind], dev, max_configs=2)
-        key, cfg, best, current = res[kind]
-        assert cfg is None and best == current == current_ms[kind], (kind, res)
-        assert len(seen) == 3
-        if tc.interpreting():                  # the interpreter's one config, unforced
-            want = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
-            assert seen[0] == (want if kind == "wgrad" else dict(want, GROUP_M=1))
+    tc.config_log.clear()
+    res = autotune.sweep_layer(layer, torch.float32, [kind], device_for("triton"),
+                               max_configs=2)
+    key, cfg, best, current = res[kind]
+    assert len(seen) == 3 and current == 1.0
+    if tabled is None:
+        assert cfg is None and best == current
+    else:
+        assert cfg == seen[1 + tabled] and best == candidates_ms[tabled]
+    if tc.interpreting():                      # the interpreter's one config, unforced
+        want = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        assert seen[0] == (want if kind == "wgrad" else dict(want, GROUP_M=1))
 
 
 def test_sweep_writes_a_table_the_engine_uses(tmp_path, monkeypatch):
