@@ -170,17 +170,21 @@ def split(layer, device, calls: int = 30, warmup: int = 3) -> dict:
     return out
 
 
+_SPLIT_HEADER = ("| layer | device | stock fwd / bwd µs | ours fwd / bwd µs | launches "
+                 "| in launches µs | engine fwd / bwd µs (launches included) "
+                 "| bwd outside the engine µs |\n|---|---|---|---|---|---|---|---|")
+
+
+def _split_row(r) -> str:
+    s, o = r["stock"], r["ours"]
+    return (f"| {r['layer']} | {r['device']} | {s['forward_us']:.0f} / {s['backward_us']:.0f} | "
+            f"{o['forward_us']:.0f} / {o['backward_us']:.0f} | {o['launches']} | "
+            f"{o['launch_us']:.0f} | {o['engine_forward_us']:.0f} / "
+            f"{o['engine_backward_us']:.0f} | {o['autograd_backward_us']:.0f} |")
+
+
 def split_markdown(rows) -> str:
-    lines = ["| layer | device | stock fwd / bwd µs | ours fwd / bwd µs | launches | in launches µs"
-             " | engine fwd / bwd µs (launches included) | bwd outside the engine µs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s, o = r["stock"], r["ours"]
-        lines.append(f"| {r['layer']} | {r['device']} | {s['forward_us']:.0f} / "
-                     f"{s['backward_us']:.0f} | {o['forward_us']:.0f} / {o['backward_us']:.0f} | "
-                     f"{o['launches']} | {o['launch_us']:.0f} | {o['engine_forward_us']:.0f} / "
-                     f"{o['engine_backward_us']:.0f} | {o['autograd_backward_us']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join([_SPLIT_HEADER] + [_split_row(r) for r in rows])
 
 
 def main(argv=None):
@@ -195,9 +199,12 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
     import torch
     from perf import layers as L
-    if args.split:
-        rows = [split(layer, args.split) for layer in L.select(args.layers, quick=not args.layers)]
-        print(split_markdown(rows), flush=True)
+    if args.split:   # each row printed as it is measured (a time limit keeps those done)
+        print(_SPLIT_HEADER, flush=True)
+        rows = []
+        for layer in L.select(args.layers, quick=not args.layers):
+            rows.append(split(layer, args.split))
+            print(_split_row(rows[-1]), flush=True)
         return rows
     torch.set_num_threads(1)
     print(f"{'layer':34s} {'train µs (median / best)':>26s} {'infer µs':>16s} "

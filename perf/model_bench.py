@@ -71,7 +71,8 @@ def _paired(samples: dict, name: str):
     per-round ratios (stock's time over this one's in the same round), so a drift of the
     machine between rounds cancels; the quartiles show the noise left."""
     ratios = [s / v for s, v in zip(samples["stock"], samples[name])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 2
+    quartiles = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                 else ratios * 2)
     return (statistics.median(samples[name]), statistics.median(ratios),
             (quartiles[0], quartiles[-1]))
 

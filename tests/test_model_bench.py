@@ -14,7 +14,8 @@ def test_speedup_is_the_median_of_per_round_ratios():
     ms, speedup, (q1, q3) = model_bench._paired(samples, "convert")
     assert ms == 22.0
     assert speedup == pytest.approx(10 / 9)
-    assert q1 < 1.0 < speedup <= q3 + 1e-12
+    ratios = [10 / 9, 10 / 9, 20 / 22]
+    assert min(ratios) <= q1 < speedup <= q3 + 1e-12 <= max(ratios) + 2e-12   # not extrapolated
     assert model_bench._paired(samples, "stock")[1:] == (1.0, (1.0, 1.0))
 
 
