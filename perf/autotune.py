@@ -103,10 +103,10 @@ def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
             space = space[:max_configs]
         # timed the way the candidates are (forced): timed through the runtime autotuner
         # instead, the H200 sweep of 2026-11-30 compared its dispatch cost, not configs
-        heur = float("inf")
+        current = float("inf")
         for cfg in baselines:
             with te.forced_config(cfg):
-                heur = min(heur, _bench(runs[kind], device))
+                current = min(current, _bench(runs[kind], device))
         best = (float("inf"), None)
         for cfg in space:
             try:
@@ -117,9 +117,9 @@ def sweep_layer(layer, dtype, kinds, device, max_configs=None, smoke=False):
                 continue
             if ms < best[0]:
                 best = (ms, cfg)
-        if best[0] >= MARGIN * heur and not smoke:   # none beats the current: left as it is
-            best = (heur, None)
-        out[kind] = (key, best[1], best[0], heur)
+        if best[0] >= MARGIN * current and not smoke:   # none beats it: left as it is
+            best = (current, None)
+        out[kind] = (key, best[1], best[0], current)
     return out
 
 
@@ -178,10 +178,10 @@ def main(argv=None):
         for dname in dtypes:
             res = sweep_layer(layer, getattr(torch, dname), args.kinds, device,
                               args.max_configs, args.smoke)
-            for kind, (key, cfg, best, heur) in res.items():
+            for kind, (key, cfg, best, current) in res.items():
                 if cfg is not None:
                     table[key] = cfg
-                rows.append((layer.key, dname, kind, best, heur, cfg or "current kept"))
+                rows.append((layer.key, dname, kind, best, current, cfg or "current kept"))
             if progress is not None:
                 progress.update(1)
     if progress is not None:
@@ -193,8 +193,8 @@ def main(argv=None):
     te.reload_tuned_tables()
     print("| layer | dtype | pass | best ms | current ms | speedup | config |")
     print("|---|---|---|---|---|---|---|")
-    for key, dname, kind, best, heur, cfg in rows:
-        print(f"| {key} | {dname} | {kind} | {best:.4f} | {heur:.4f} | {heur / best:.2f} | "
+    for key, dname, kind, best, current, cfg in rows:
+        print(f"| {key} | {dname} | {kind} | {best:.4f} | {current:.4f} | {current / best:.2f} | "
               f"{json.dumps(cfg, sort_keys=True)} |")
     print(f"# wrote {path} ({len(table)} keys)")
     return path, rows

@@ -27,7 +27,6 @@ import statistics
 import time
 
 
-
 def _blocks(fn, blocks=25, per_block=40):
     ts = []
     for _ in range(blocks):
@@ -134,7 +133,7 @@ def split(layer, device, calls: int = 30, warmup: int = 3) -> dict:
     x = torch.randn(layer.batch, layer.c_in, *layer.size, device=dev, requires_grad=True)
     gy = torch.randn(layer.batch, layer.c_out, *layer.out_size, device=dev)
 
-    def run(mod, acc=None):
+    def run(mod):
         x.grad = None
         mod.zero_grad(set_to_none=True)
         sync(dev.type)
