@@ -84,6 +84,24 @@ def _phase_pixels(offs, Qd, Qh, Qw):
 
 
 @triton.jit
+def _phase_pixels_step(n, qd, qh, qw, inc_n, inc_d, inc_h, inc_w, Qd, Qh, Qw):
+    """(n, qd, qh, qw) of the flat pixel indices plus a fixed step, the step given as its own
+    digits (inc_w < Qw, inc_h < Qh, inc_d < Qd): a mixed-radix add with one carry a digit, so a
+    loop over pixels divides once, before it (a division by a runtime size is some twenty
+    instructions; the grad_weight loop did six a pixel it held, every step)."""
+    qw = qw + inc_w
+    carry = qw >= Qw
+    qw = tl.where(carry, qw - Qw, qw)
+    qh = qh + inc_h + carry.to(qh.dtype)
+    carry = qh >= Qh
+    qh = tl.where(carry, qh - Qh, qh)
+    qd = qd + inc_d + carry.to(qd.dtype)
+    carry = qd >= Qd
+    qd = tl.where(carry, qd - Qd, qd)
+    return n + inc_n + carry.to(n.dtype), qd, qh, qw
+
+
+@triton.jit
 def _phase_row(PH, phase):
     """One phase's Q, T, OFF, R (per axis) and WOFF (units of C_SRC)."""
     ph = PH + phase * PHASE_FIELDS
@@ -178,12 +196,12 @@ def conv_phase_kernel(
     c_lo = split * c_per_split
     c_hi = tl.minimum(C_SRC, c_lo + c_per_split)
     n_k = tl.cdiv(c_hi - c_lo, BLOCK_K)
-    for it in range(0, nvd * nvh * nvw * n_k):                # (valid tap, channel block)
-        tap = it // n_k
-        c0 = c_lo + (it % n_k) * BLOCK_K
-        tw = V0w + tap % nvw
-        th = V0h + (tap // nvw) % nvh
-        td = V0d + tap // (nvw * nvh)
+    # (valid tap, channel block) stepped with carries, channels fastest: no division a step
+    c0 = c_lo
+    td = V0d
+    th = V0h
+    tw = V0w
+    for it in range(0, nvd * nvh * nvw * n_k):
         sd = A_d * qd + OFFd + td * STEP_d
         sh = A_h * qh + OFFh + th * STEP_h
         sw = A_w * qw + OFFw + tw * STEP_w
@@ -202,6 +220,16 @@ def conv_phase_kernel(
             acc += tl.dot(a, b, out_dtype=tl.float64)
         else:
             acc += tl.dot(a, b, input_precision=PRECISION)
+        c0 += BLOCK_K
+        wrap = (c0 >= c_hi).to(tl.int32)
+        c0 -= wrap * (c0 - c_lo)
+        tw += wrap
+        wrap = wrap * (tw >= V1w).to(tl.int32)
+        tw -= wrap * nvw
+        th += wrap
+        wrap = wrap * (th >= V1h).to(tl.int32)
+        th -= wrap * nvh
+        td += wrap
 
     od = S_d * qd + Rd
     oh = S_h * qh + Rh
@@ -344,18 +372,27 @@ def wgrad_phase_kernel(
     x_rows = X + g * C_SRC + ci                               # [BLOCK_M]
     dy_cols = DY + g * C_DY + offs_n                          # [BLOCK_N]
     mask_dy = offs_n < C_DY
+    # the pixels' (n, qd, qh, qw), divided out once and stepped by BLOCK_K after (a phase
+    # with no pixels runs no step: its sizes are only kept from dividing by zero)
+    Qd, Qh, Qw = tl.maximum(Qd, 1), tl.maximum(Qh, 1), tl.maximum(Qw, 1)
+    n, qd, qh, qw = _phase_pixels(m_begin + arange_p, Qd, Qh, Qw)   # [BLOCK_K] each
+    inc_n, inc_d, inc_h, inc_w = _phase_pixels(BLOCK_K, Qd, Qh, Qw)
+    # x's offset is a pixel part plus a (tap, c_in) part: one add a tile element
+    od = OFFd + td * STEP_d                                   # [BLOCK_M] source offsets
+    oh = OFFh + th * STEP_h
+    ow = OFFw + tw * STEP_w
+    x_rows += _idx(od, IDX64) * sxd + _idx(oh, IDX64) * sxh + _idx(ow, IDX64) * sxw
     for m0 in range(m_begin, m_end, BLOCK_K):
         offs_p = m0 + arange_p                                # [BLOCK_K] pixels of the phase
         mask_p = offs_p < m_end
-        n, qd, qh, qw = _phase_pixels(offs_p, Qd, Qh, Qw)
-        sd = qd[None, :] + OFFd + td[:, None] * STEP_d        # [BLOCK_M, BLOCK_K]
-        sh = qh[None, :] + OFFh + th[:, None] * STEP_h
-        sw = qw[None, :] + OFFw + tw[:, None] * STEP_w
+        sd = qd[None, :] + od[:, None]                        # [BLOCK_M, BLOCK_K]
+        sh = qh[None, :] + oh[:, None]
+        sw = qw[None, :] + ow[:, None]
         valid = mask_m[:, None] & mask_p[None, :] & (sd >= 0) & (sd < L_d) & (sh >= 0) \
             & (sh < L_h) & (sw >= 0) & (sw < L_w)
-        src = (_idx(n, IDX64) * sxn)[None, :] + _idx(sd, IDX64) * sxd \
-            + _idx(sh, IDX64) * sxh + _idx(sw, IDX64) * sxw
-        a = tl.load(x_rows[:, None] + src, mask=valid, other=0.0)        # [BLOCK_M, BLOCK_K]
+        src = _idx(n, IDX64) * sxn + _idx(qd, IDX64) * sxd + _idx(qh, IDX64) * sxh \
+            + _idx(qw, IDX64) * sxw                           # [BLOCK_K]
+        a = tl.load(x_rows[:, None] + src[None, :], mask=valid, other=0.0)  # [BLOCK_M, BLOCK_K]
         dst = _idx(n, IDX64) * syn + _idx(S_d * qd + Rd, IDX64) * syd \
             + _idx(S_h * qh + Rh, IDX64) * syh + _idx(S_w * qw + Rw, IDX64) * syw
         b = tl.load(dy_cols[None, :] + dst[:, None], mask=mask_p[:, None] & mask_dy[None, :],
@@ -367,6 +404,8 @@ def wgrad_phase_kernel(
             acc += tl.dot(a, b, out_dtype=tl.float64)
         else:
             acc += tl.dot(a, b, input_precision=PRECISION)
+        n, qd, qh, qw = _phase_pixels_step(n, qd, qh, qw, inc_n, inc_d, inc_h, inc_w,
+                                           Qd, Qh, Qw)
     # (tap, c_in) row -> dW[g * C_in_g + ci, co, J0 + t * JS]
     row = _idx(g * C_in_g + ci, IDX64) * so0 + _idx(J0d + td * JS_d, IDX64) * so2 \
         + _idx(J0h + th * JS_h, IDX64) * so3 + _idx(J0w + tw * JS_w, IDX64) * so4
