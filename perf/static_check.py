@@ -12,6 +12,9 @@ read back:
   A / B            how each dot operand reaches shared memory: "cp.async N B" (pipelined),
                    "TMA", or "sync" (a plain load the pipeliner left alone)
   store            the widest global store (vectorised epilogue: 16 B)
+  loop             SASS instructions per step of the loop that holds the MMA (nvdisasm), and
+                   the integer divisions among them (one MUFU.RCP a runtime divisor, each some
+                   twenty instructions): device work a step, beside the MMAs it feeds
 
     python -m perf.static_check                   # quick suite, heuristic + tuned configs
     python -m perf.static_check --space           # + every config of the autotune space
@@ -20,8 +23,9 @@ read back:
 
 Variants are deduplicated by what the compiler sees. Writes ``perf/results/static-<triton>-
 <date>.{json,md}`` (``--out``). Exit status 1 if a variant the library can launch fails to
-compile, spills, overflows shared memory, misses wgmma on sm_90 for a tensor-core dtype, or
-(channels-last input, sm_90) loads a dot operand without cp.async of >= 8 B or TMA.
+compile, spills, overflows shared memory, misses wgmma on sm_90 for a tensor-core dtype,
+(channels-last input, sm_90) loads a dot operand without cp.async of >= 8 B or TMA, or divides
+by a runtime size inside its MMA loop.
 """
 from __future__ import annotations
 
@@ -192,7 +196,33 @@ def compile_and_read(fn, args, kwargs, cap) -> dict:
     res.update(_ptxas_report(ck.asm["ptx"], cap))
     res.update(read_ttgir(ck.asm["ttgir"]))
     res.update(read_ptx(ck.asm["ptx"]))
+    res.update(read_sass(ck.asm["cubin"]))
     return res
+
+
+def read_sass(cubin: bytes) -> dict:
+    """The loop that holds the first MMA, from the disassembly: its instructions a step and
+    the integer divisions among them (MUFU.RCP); empty where there is no such loop."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([_triton_bin("nvdisasm"), "-c", path], capture_output=True,
+                              text=True).stdout
+    lines = text.splitlines()
+    mma = next((i for i, line in enumerate(lines) if re.search(r"\bH[G]?MMA\b", line)), None)
+    if mma is None:
+        return {}
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
+    for j in range(mma, len(lines)):        # the first branch back over the MMA closes it
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", lines[j])
+        if m and labels.get(m.group(1), len(lines)) < mma:
+            body = [line for line in lines[labels[m.group(1)]:j + 1]
+                    if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+            return dict(loop_sass=len(body),
+                        loop_divides=sum("MUFU.RCP" in line for line in body))
+    return {}
 
 
 def _ptxas(cap: int) -> str:
@@ -308,6 +338,8 @@ def verdict(label, res) -> list[str]:
         bad.append(f"spills {res['spills']} B")
     if res["smem"] > SMEM_LIMIT[label["cap"]]:
         bad.append(f"shared memory {res['smem']} B")
+    if res.get("loop_divides"):
+        bad.append(f"{res['loop_divides']} integer divisions in the MMA loop")
     if label["cap"] == 90 and label["dtype"] in TENSOR_CORE:
         if any(d["mma"] != "wgmma" for d in res["dots"]):
             bad.append("no wgmma: " + ", ".join(d["mma"] for d in res["dots"]))
@@ -395,9 +427,14 @@ def summarize(jobs, results) -> dict:
         "channels_last_sm90": len(cl),
         "channels_last_not_pipelined": sum(
             any(not _pipelined(d[o]) for d in r["dots"] for o in "ab") for r in cl),
+        "dividing_in_mma_loop": sum(bool(r.get("loop_divides")) for r in rows),
         "with_problems": sum(bool(r["problems"]) for r in rows),
     }
     return dict(summary=summary, rows=rows)
+
+
+def _loop_text(r) -> str:
+    return f"{r['loop_sass']} ({r['loop_divides']})" if "loop_sass" in r else "-"
 
 
 def markdown(report, meta) -> str:
@@ -406,14 +443,15 @@ def markdown(report, meta) -> str:
              f"{meta['date']}; targets sm_90 (H100, 132 SMs as the host code sees it) and sm_80; "
              f"configs: {meta['configs']}; layers: {meta['layers']}.", "",
              "| variants | failed compiles | spilling | tensor-core sm_90 | without wgmma | "
-             "channels-last sm_90 | an operand not pipelined | with problems |",
-             "|---|---|---|---|---|---|---|---|",
+             "channels-last sm_90 | an operand not pipelined | dividing in the MMA loop | "
+             "with problems |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| {s['variants']} | {s['failed_compiles']} | {s['spilling']} | "
              f"{s['tensor_core_variants_sm90']} | {s['without_wgmma_sm90']} | "
              f"{s['channels_last_sm90']} | {s['channels_last_not_pipelined']} | "
-             f"{s['with_problems']} |", "",
+             f"{s.get('dividing_in_mma_loop', '-')} | {s['with_problems']} |", "",
              "| kernel | pass | dtype | layout | sm | config | regs | spills | smem KiB | mma | A | "
-             "B | store B | problems | layers |", "|" + "---|" * 15]
+             "B | store B | loop SASS (div) | problems | layers |", "|" + "---|" * 16]
     for r in report["rows"]:
         dots = r.get("dots") or []
         lines.append(
@@ -421,14 +459,15 @@ def markdown(report, meta) -> str:
             f"{r['config']} | {r.get('regs', '-')} | {r.get('spills', '-')} | "
             f"{r.get('smem', 0) / 1024:.0f} | {'/'.join(d['mma'] for d in dots) or '-'} | "
             f"{'/'.join(d['a'] for d in dots) or '-'} | {'/'.join(d['b'] for d in dots) or '-'} | "
-            f"{r.get('store_bytes', '-')} | {'; '.join(r['problems']) or 'ok'} | "
+            f"{r.get('store_bytes', '-')} | {_loop_text(r)} | "
+            f"{'; '.join(r['problems']) or 'ok'} | "
             f"{len(r['layers'])}: {r['layers'][0]}{' ...' if len(r['layers']) > 1 else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def selftest() -> int:
-    """The check must see what it claims to: a tile below wgmma's 64 rows (mma.sync), and one
-    too big for the registers (spills)."""
+    """The check must see what it claims to: a tile below wgmma's 64 rows (mma.sync), one too
+    big for the registers (spills), and a division inside an MMA loop (none in ours)."""
     from perf import layers as L
     layer = next(x for x in L.SUITE if x.key == "dcgan/256-128@8 k4s2p1")
     label, fn, args, kwargs = next(j for j in capture(layer, "bf16", True, passes=("fwd",))
@@ -436,11 +475,40 @@ def selftest() -> int:
     label = dict(label, cap=90)
     small = compile_and_read(fn, args, dict(kwargs, BLOCK_M=32, BLOCK_N=32, num_warps=4), 90)
     big = compile_and_read(fn, args, dict(kwargs, BLOCK_M=256, BLOCK_N=256, num_warps=4), 90)
+    base = compile_and_read(fn, args, kwargs, 90)
+    divides = _division_probe()
     ok = ({d["mma"] for d in small["dots"]} == {"mma.sync"} and
           any("no wgmma" in p for p in verdict(label, small)) and big["spills"] > 0 and
-          any("spills" in p for p in verdict(label, big)))
-    print("selftest ok" if ok else f"selftest FAILED: {small} {big}", flush=True)
+          any("spills" in p for p in verdict(label, big)) and
+          base.get("loop_sass", 0) > 0 and base.get("loop_divides") == 0 and
+          divides.get("loop_divides", 0) >= 1 and
+          any("integer divisions" in p for p in verdict(label, divides)))
+    print("selftest ok" if ok else f"selftest FAILED: {small} {big} {base} {divides}",
+          flush=True)
     return 0 if ok else 1
+
+
+def _division_probe() -> dict:
+    """A dot in a loop that divides by a runtime size every step, compiled for sm_90 and read:
+    the loop metric must count the division."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(A, B, C, n, d, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for k in range(0, n):
+            row = (k * BLOCK + offs) // d                     # the division under test
+            a = tl.load(A + row[:, None] * BLOCK + offs[None, :])
+            b = tl.load(B + offs[:, None] * BLOCK + offs[None, :])
+            acc += tl.dot(a, b)
+        tl.store(C + offs[:, None] * BLOCK + offs[None, :], acc)
+
+    t = torch.empty(64 * 64, device="meta", dtype=torch.bfloat16)
+    return compile_and_read(probe, (t, t, torch.empty(64 * 64, device="meta"), 7, 3),
+                            dict(BLOCK=64, num_warps=4, num_stages=3), 90)
 
 
 CI_LAYERS = ["dcgan/256-128@8 k4s2p1", "unet/256-128@64 k2s2", "fsrcnn/56-1@64 k9s3p4op2"]
