@@ -207,8 +207,11 @@ def read_sass(cubin: bytes) -> dict:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([_triton_bin("nvdisasm"), "-c", path], capture_output=True,
-                              text=True).stdout
+        try:
+            text = subprocess.run([_triton_bin("nvdisasm"), "-c", path], capture_output=True,
+                                  text=True).stdout
+        except OSError:      # a Triton without its nvdisasm: the loop goes unread
+            return {}
     lines = text.splitlines()
     mma = next((i for i, line in enumerate(lines) if re.search(r"\bH[G]?MMA\b", line)), None)
     if mma is None:
