@@ -211,4 +211,3 @@ def test_host_cost_tool_counts_a_training_step():
     assert r["launches"] == 5 and r["calls_per_step"] > 0
     assert r["train_us"][1] > 0 and r["infer_us"][1] > 0
     assert triton_engine._RECORDERS == []
-

@@ -191,13 +191,18 @@ def _settle(key, plan, kernel):
     cfg = None if _RECORDERS else cfgs.autotuned_config(plan.kernel)
     if cfg is None:            # recorded, not run: nothing was chosen
         return
-    meta, launch_opts = cfgs.split_launch_options(cfg)
     settled = _Plan(**plan.__dict__)
-    settled.kernel, settled.grid = kernel, plan.grid(meta)
-    settled.kwargs = dict(plan.kwargs, **meta, **launch_opts)
-    settled.log = (plan.log[0], "autotune", cfg)
-    cfgs.config_log[plan.log[0]] = ("autotune", cfg)
+    settled.grid, settled.kwargs = _with_config(plan.grid, plan.kwargs, cfg)
+    settled.kernel, settled.log = kernel, (plan.log[0], "autotune", cfg)
+    cfgs.config_log[plan.log[0]] = ("autotune", cfg)   # the same source: log_choice keeps None
     _PLANS[key] = settled
+
+
+def _with_config(grid, kwargs, cfg):
+    """A launch's grid and keyword arguments with ``cfg`` fixed (grid: a function of the
+    config's meta-parameters, as Triton's autotuner calls it)."""
+    meta, launch_opts = cfgs.split_launch_options(cfg)
+    return grid(meta), dict(kwargs, **meta, **launch_opts)
 
 
 def _contiguous_strides(shape):
@@ -470,9 +475,7 @@ def _conv_plan(src, wp, bias, dst, pre, axes, geom, c_src, c_dst_g, act, kind):
         kernel = cfgs.tuned_kernel(kind)
     else:
         kernel = tk.conv_phase_kernel
-        meta, launch_opts = cfgs.split_launch_options(cfg)
-        grid = grid(meta)
-        kwargs.update(meta, **launch_opts)
+        grid, kwargs = _with_config(grid, kwargs, cfg)
     plan = _Plan(kernel=kernel, grid=grid, table=_table(rows, device), ints=ints,
                  kwargs=kwargs, log=log, splits=splits, ws_shape=ws_shape, acc=acc)
     if splits > 1:
@@ -619,9 +622,7 @@ def _wgrad_plan(xk, gk, dw, geom, dtype, parts, db):
         kernel = cfgs.tuned_kernel("wgrad")
     else:
         kernel = tk.wgrad_phase_kernel
-        meta, launch_opts = cfgs.split_launch_options(cfg)
-        grid = grid(meta)
-        kwargs.update(meta, **launch_opts)
+        grid, kwargs = _with_config(grid, kwargs, cfg)
     block = 1024
     return _Plan(kernel=kernel, grid=grid, table=_table(rows, device), ints=ints,
                  kwargs=kwargs, log=log, splits=splits, ws_shape=ws_shape, acc=acc_dtype,
