@@ -14,6 +14,9 @@
 // takes this path where that share is small or the blocks of the exact paths would be tiny).
 #include <ATen/ATen.h>
 
+#include <cstring>
+#include <memory>
+
 #include "blas.h"
 #include "layout.h"
 #include "patches.h"
@@ -22,6 +25,19 @@
 namespace kst {
 
 namespace {
+
+// o[0 .. n) = s[0 .. n): the common run lengths (kernel widths) as copies of a known size.
+template <typename T>
+inline void copy_run(T* o, const T* s, i64 n) {
+  switch (n) {
+    case 2: std::memcpy(o, s, 2 * sizeof(T)); return;
+    case 3: std::memcpy(o, s, 3 * sizeof(T)); return;
+    case 4: std::memcpy(o, s, 4 * sizeof(T)); return;
+    case 8: std::memcpy(o, s, 8 * sizeof(T)); return;
+    case 16: std::memcpy(o, s, 16 * sizeof(T)); return;
+    default: std::copy(s, s + n, o);
+  }
+}
 
 // The patch rows m in [m0, m1) (m = (n, id, ih, iw)) of group g, [m1 - m0, Cout_g * KK].
 template <typename T>
@@ -32,36 +48,76 @@ void patch_rows(const View5<const T>& DY, const Plan& GI, i64 g, i64 Cout_g, i64
   const i64 Td = pd.T(), Th = ph.T(), Tw = pw.T(), KK = Td * Th * Tw, K = Cout_g * KK;
   const i64 Qd = pd.Q, Qh = ph.Q, Qw = pw.Q, per_img = Qd * Qh * Qw;
   const T* base = DY.p + g * Cout_g * DY.st[1];
-  at::parallel_for(m_begin, m_end, 16, [&](i64 m0, i64 m1) {
-    for (i64 m = m0; m < m1; ++m) {
-      const i64 n = m / per_img, r = m % per_img;
-      const i64 qd = r / (Qh * Qw), qh = (r / Qw) % Qh, qw = r % Qw;
-      // the valid tap range along w (soff is increasing): taps outside read zero
-      i64 w0 = 0, w1 = Tw;
-      Plan::valid_range(Aw, pw, qw, w0, w1);
-      const i64 sw0 = Aw.a * qw;
-      T* row = cols + (m - m_begin) * K;
-      for (i64 c = 0; c < Cout_g; ++c) {
-        const T* src_c = base + n * DY.st[0] + c * DY.st[1];
-        for (i64 td = 0; td < Td; ++td) {
-          const i64 sd = Ad.a * qd + pd.soff[td];
-          const bool dok = sd >= 0 && sd < Ad.L_src;
-          for (i64 th = 0; th < Th; ++th) {
-            T* o = row + ((c * Td + td) * Th + th) * Tw;
-            const i64 sh = Ah.a * qh + ph.soff[th];
-            if (!dok || sh < 0 || sh >= Ah.L_src || w0 >= w1) {
-              std::fill(o, o + Tw, T(0));
-              continue;
+  // taps along w one pixel apart in a row of unit stride: each run is a plain copy
+  bool unit = DY.st[4] == 1;
+  for (i64 tw = 1; tw < Tw; ++tw) unit = unit && pw.soff[tw] - pw.soff[tw - 1] == 1;
+  // Blocks of up to 16 rows, channel by channel: the block's rows are written as 16 streams
+  // and each grad_out row is read once per block (rows outer and channels inner jumped across
+  // every channel's row for each patch row).
+  constexpr i64 RB = 16;
+  at::parallel_for(m_begin, m_end, RB, [&](i64 m0, i64 m1) {
+    for (i64 b0 = m0; b0 < m1; b0 += RB) {
+      const i64 nb = std::min(RB, m1 - b0);
+      i64 n_[RB], qd_[RB], qh_[RB], w0_[RB], w1_[RB], sw0_[RB];
+      for (i64 j = 0; j < nb; ++j) {
+        const i64 m = b0 + j, r = m % per_img, qw = r % Qw;
+        n_[j] = m / per_img, qd_[j] = r / (Qh * Qw), qh_[j] = (r / Qw) % Qh;
+        // the valid tap range along w (soff is increasing): taps outside read zero
+        w0_[j] = 0, w1_[j] = Tw;
+        Plan::valid_range(Aw, pw, qw, w0_[j], w1_[j]);
+        sw0_[j] = Aw.a * qw;
+      }
+      for (i64 c = 0; c < Cout_g; ++c)
+        for (i64 j = 0; j < nb; ++j) {
+          const i64 w0 = w0_[j], w1 = w1_[j];
+          const T* src_c = base + n_[j] * DY.st[0] + c * DY.st[1];
+          T* row = cols + (b0 + j - m_begin) * K;
+          for (i64 td = 0; td < Td; ++td) {
+            const i64 sd = Ad.a * qd_[j] + pd.soff[td];
+            const bool dok = sd >= 0 && sd < Ad.L_src;
+            for (i64 th = 0; th < Th; ++th) {
+              T* o = row + ((c * Td + td) * Th + th) * Tw;
+              const i64 sh = Ah.a * qh_[j] + ph.soff[th];
+              if (!dok || sh < 0 || sh >= Ah.L_src || w0 >= w1) {
+                std::fill(o, o + Tw, T(0));
+                continue;
+              }
+              const T* s = src_c + sd * DY.st[2] + sh * DY.st[3];
+              if (unit && w0 == 0 && w1 == Tw) {  // every tap: one copy of a fixed length
+                copy_run(o, s + sw0_[j] + pw.soff[0], Tw);
+                continue;
+              }
+              std::fill(o, o + w0, T(0));
+              if (unit) {
+                const T* run = s + sw0_[j] + pw.soff[0];
+                for (i64 tw = w0; tw < w1; ++tw) o[tw] = run[tw];
+              } else {
+                for (i64 tw = w0; tw < w1; ++tw) o[tw] = s[(sw0_[j] + pw.soff[tw]) * DY.st[4]];
+              }
+              std::fill(o + w1, o + Tw, T(0));
             }
-            const T* s = src_c + sd * DY.st[2] + sh * DY.st[3];
-            std::fill(o, o + w0, T(0));
-            for (i64 tw = w0; tw < w1; ++tw) o[tw] = s[(sw0 + pw.soff[tw]) * DY.st[4]];
-            std::fill(o + w1, o + Tw, T(0));
           }
         }
-      }
     }
   });
+}
+
+// dx[n, c, pixels pix0 .. pix0 + run) = src[0 .. run), pixels in (d, h, w) order.
+template <typename T>
+void copy_pixels(const T* src, i64 run, const View5<T>& DX, i64 n, i64 c, i64 pix0, i64 H,
+                 i64 W) {
+  i64 pix = pix0;
+  while (run > 0) {
+    const i64 d = pix / (H * W), h = (pix / W) % H, w = pix % W;
+    const i64 len = std::min(run, W - w);  // to the end of this row
+    T* o = DX.at(n, c, d, h, w);
+    if (DX.st[4] == 1) {
+      std::copy(src, src + len, o);
+    } else {
+      for (i64 j = 0; j < len; ++j) o[j * DX.st[4]] = src[j];
+    }
+    src += len, pix += len, run -= len;
+  }
 }
 
 template <typename T>
@@ -116,32 +172,40 @@ void backward_patch_impl(const at::Tensor& x, const at::Tensor& dy, const at::Te
   // blocks of patch rows within the patch-matrix cap, in order (dW's sum order is fixed)
   const i64 rows = N * per_img;
   const i64 MB = std::min(rows, std::max<i64>(16, tuning().cols_cap / std::max<i64>(1, K)));
-  std::vector<T> cols(size_t(MB * K)), cbuf;
+  // every element of a block's rows is written by patch_rows: no zeroing
+  std::unique_ptr<T[]> cols_buf(new T[size_t(MB * K)]);
+  T* const cols = cols_buf.get();
+  std::unique_ptr<T[]> cbuf;
+  const bool dx_via_buf = dx.defined() && !dx_cl;
+  if (dx_via_buf) cbuf.reset(new T[size_t(MB * Cin_g)]);
   const i64 Hh = x.size(3), Ww = x.size(4);
   for (i64 g = 0; g < groups; ++g)
     for (i64 m0 = 0; m0 < rows; m0 += MB) {
       const i64 M = std::min(MB, rows - m0);
-      patch_rows<T>(DY, GI, g, Cout_g, m0, m0 + M, cols.data());
+      patch_rows<T>(DY, GI, g, Cout_g, m0, m0 + M, cols);
       const T* Wg = W + g * Cin_g * K;
       if (dw.defined())  // dW_g[Cin_g, K] (+)= X[M, Cin_g]^T x cols[M, K]
-        gemm_rm_short_k<T>(true, Cin_g, K, M, X + m0 * Cin + g * Cin_g, Cin, cols.data(), K,
+        gemm_rm_short_k<T>(true, Cin_g, K, M, X + m0 * Cin + g * Cin_g, Cin, cols, K,
                            T(m0 > 0), DW + g * Cin_g * K, K);
       if (!dx.defined()) continue;
       if (dx_cl) {  // dX[M, Cin_g] = cols[M, K] x W_g[Cin_g, K]^T, into dx in place
-        gemm_rm<T>(false, true, M, Cin_g, K, T(1), cols.data(), K, Wg, K, T(0),
+        gemm_rm<T>(false, true, M, Cin_g, K, T(1), cols, K, Wg, K, T(0),
                    DX.p + m0 * Cin + g * Cin_g, Cin);
         continue;
       }
-      if (i64(cbuf.size()) < M * Cin_g) cbuf.resize(size_t(M * Cin_g));
-      gemm_rm<T>(false, true, M, Cin_g, K, T(1), cols.data(), K, Wg, K, T(0), cbuf.data(), Cin_g);
-      // cbuf[m, ci] -> dx[n, g * Cin_g + ci, pixel], channel by channel
+      // dX^T[Cin_g, M] = W_g[Cin_g, K] x cols[M, K]^T: each channel's pixels come out in a row,
+      // copied into dx image by image (runs along the pixels, no transposes)
+      gemm_rm<T>(false, true, Cin_g, M, K, T(1), Wg, K, cols, K, T(0), cbuf.get(), M);
       at::parallel_for(0, Cin_g, 8, [&](i64 c0, i64 c1) {
-        for (i64 ci = c0; ci < c1; ++ci)
-          for (i64 m = m0; m < m0 + M; ++m) {
-            const i64 n = m / per_img, pix = m % per_img;
-            const i64 d = pix / (Hh * Ww), h = (pix / Ww) % Hh, w = pix % Ww;
-            *DX.at(n, g * Cin_g + ci, d, h, w) = cbuf[(m - m0) * Cin_g + ci];
+        for (i64 ci = c0; ci < c1; ++ci) {
+          const T* src = cbuf.get() + ci * M;
+          for (i64 m = m0; m < m0 + M;) {
+            const i64 n = m / per_img, pix0 = m % per_img;
+            const i64 run = std::min(per_img - pix0, m0 + M - m);
+            copy_pixels(src + (m - m0), run, DX, n, g * Cin_g + ci, pix0, Hh, Ww);
+            m += run;
           }
+        }
       });
     }
 }
