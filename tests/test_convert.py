@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import triton_kstconv as K
+from triton_kstconv import weight_cache
 from triton_kstconv.modules import ConversionReport
 
 
@@ -147,6 +148,28 @@ def test_fused_eval_refolds_after_an_update():
             m[0].weight.mul_(1.5)
             m[1].running_var.mul_(2)
         torch.testing.assert_close(ours(x), stock(x))
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_fused_eval_packs_once_under_inference_mode(first):
+    """The folded weight is packed once, whichever of inference_mode and no_grad runs first (a
+    weight folded under inference_mode was an inference tensor, repacked on every call)."""
+    torch.manual_seed(0)
+    stock = _block(act=nn.ReLU()).eval()
+    with torch.no_grad():
+        stock[1].running_var.uniform_(0.5, 2)
+    ours = copy.deepcopy(stock)
+    K.convert(ours, fuse=True)
+    x = torch.randn(2, 4, 5, 5)
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    order = [first] + [m for m in modes if m != first]
+    with modes[order[0]]():
+        ours(x)
+    packs = weight_cache.stats["packs"]
+    for mode in order * 2:
+        with modes[mode]():
+            torch.testing.assert_close(ours(x), stock(x), rtol=1e-5, atol=1e-5)
+    assert weight_cache.stats["packs"] == packs
 
 
 def test_convert_without_fuse_keeps_batchnorm_working():

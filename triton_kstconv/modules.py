@@ -180,6 +180,12 @@ def _folded(conv, bn):
     cached = conv.__dict__.get("_kst_folded")
     if cached is not None and cached[0] == key and not torch.is_grad_enabled():
         return cached[1], cached[2]
+    if torch.is_inference_mode_enabled():
+        # made under inference_mode, the folded weight would be an inference tensor: no version
+        # counter, so the engines' weight cache could not keep its packing, and every later
+        # call (this cache hands the same tensor to no_grad calls too) would repack it
+        with torch.inference_mode(False), torch.no_grad():
+            return _folded(conv, bn)
     w, g = conv.weight, conv.groups
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
