@@ -153,7 +153,8 @@ def test_fused_eval_refolds_after_an_update():
 @pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
 def test_fused_eval_packs_once_under_inference_mode(first):
     """The folded weight is packed once, whichever of inference_mode and no_grad runs first (a
-    weight folded under inference_mode was an inference tensor, repacked on every call)."""
+    weight folded under inference_mode was an inference tensor, repacked on every call: the
+    inference_mode-first case; no_grad first guards that the fold made there serves both)."""
     torch.manual_seed(0)
     stock = _block(act=nn.ReLU()).eval()
     with torch.no_grad():

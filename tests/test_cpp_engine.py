@@ -406,10 +406,10 @@ def _patch_rule_case(c_in, c_out, size, batch, groups=1, k=4, s=2, p=1):
 
 def test_patch_backward_rule(knobs):
     """The rule gives the patch backward a deep layer (512 input channels, a 4096-long patch row,
-    DCGAN's 4x4; 256 channels and a 2048-long row up to 1024 rows, or past that with runs of
-    16 along w), a very long patch row, and a layer of one or two input pixels in the batch (a
-    U-Net's innermost up-convolution at batch 1, 1-D too), and leaves a shallow layer, 4 pixels,
-    more than 1024 rows of kw-4 runs and a grouped layer of one pixel to the other paths."""
+    DCGAN's 4x4; 256 channels and a 2048-long row up to 1024 rows), a very long patch row, and
+    a layer of one or two input pixels in the batch (a U-Net's innermost up-convolution at
+    batch 1, 1-D too), and leaves a shallow layer, 4 pixels, 256 channels past 1024 rows and a
+    grouped layer of one pixel to the other paths."""
     knobs(joint=-1)
     assert _patch_rule_case(512, 256, (4, 4), 8) == "patch"
     assert _patch_rule_case(64, 64, (1, 1), 1) == "patch"
@@ -419,10 +419,11 @@ def test_patch_backward_rule(knobs):
     assert _patch_rule_case(64, 64, (1, 1), 1, groups=64) != "patch"
     assert _patch_rule_case(16, 8, (8, 8), 2) != "patch"
     # 256 input channels and a 2048-long row: HiFi-GAN's 256-128 k16s8 (64 rows), DCGAN's
-    # 256-128@8 at 1024 rows; over 1024 rows of kw-4 runs, the separate passes
+    # 256-128@8 at 1024 rows; past 1024 rows, the separate passes
     assert _patch_rule_case(256, 128, (16,), 4, k=16, s=8, p=4) == "patch"
     assert _patch_rule_case(256, 128, (8, 8), 16) == "patch"
     assert _patch_rule_case(256, 128, (8, 8), 17) != "patch"
+    assert _patch_rule_case(256, 128, (72,), 16, k=16, s=8, p=4) != "patch"   # 1152 rows
     assert _patch_rule_case(128, 128, (8, 8), 4) != "patch"
     # a very long row (FCN's k64s32: 16384 of 4 channels)
     assert _patch_rule_case(4, 4, (4, 4), 4, k=64, s=32, p=16) == "patch"

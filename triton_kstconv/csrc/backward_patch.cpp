@@ -14,7 +14,6 @@
 // takes this path where that share is small or the blocks of the exact paths would be tiny).
 #include <ATen/ATen.h>
 
-#include <cstring>
 #include <memory>
 
 #include "blas.h"
@@ -25,19 +24,6 @@
 namespace kst {
 
 namespace {
-
-// o[0 .. n) = s[0 .. n): the common run lengths (kernel widths) as copies of a known size.
-template <typename T>
-inline void copy_run(T* o, const T* s, i64 n) {
-  switch (n) {
-    case 2: std::memcpy(o, s, 2 * sizeof(T)); return;
-    case 3: std::memcpy(o, s, 3 * sizeof(T)); return;
-    case 4: std::memcpy(o, s, 4 * sizeof(T)); return;
-    case 8: std::memcpy(o, s, 8 * sizeof(T)); return;
-    case 16: std::memcpy(o, s, 16 * sizeof(T)); return;
-    default: std::copy(s, s + n, o);
-  }
-}
 
 // The patch rows m in [m0, m1) (m = (n, id, ih, iw)) of group g, [m1 - m0, Cout_g * KK].
 template <typename T>
@@ -83,14 +69,10 @@ void patch_rows(const View5<const T>& DY, const Plan& GI, i64 g, i64 Cout_g, i64
                 continue;
               }
               const T* s = src_c + sd * DY.st[2] + sh * DY.st[3];
-              if (unit && w0 == 0 && w1 == Tw) {  // every tap: one copy of a fixed length
-                copy_run(o, s + sw0_[j] + pw.soff[0], Tw);
-                continue;
-              }
               std::fill(o, o + w0, T(0));
-              if (unit) {
-                const T* run = s + sw0_[j] + pw.soff[0];
-                for (i64 tw = w0; tw < w1; ++tw) o[tw] = run[tw];
+              if (unit) {  // (from the first valid tap: no pointer before grad_out's start)
+                const T* run = s + sw0_[j] + pw.soff[w0];
+                for (i64 tw = w0; tw < w1; ++tw) o[tw] = run[tw - w0];
               } else {
                 for (i64 tw = w0; tw < w1; ++tw) o[tw] = s[(sw0_[j] + pw.soff[tw]) * DY.st[4]];
               }

@@ -285,14 +285,15 @@ bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::
   // side by side (backward, patch / separate, ms, 2 threads, AVX2 VM, after the patch rows were
   // built 16 rows at a time): DCGAN 512-256@4 batch 64 55.9 / 71.2, batch 16 14.3 / 22.3;
   // HiFi-GAN 512-256 k16s8 batch 16 26.8 / 36.9, batch 2 3.9 / 4.4; HiFi-GAN 256-128 k16s8
-  // batch 16 58.5 / 64.3, batch 2 7.5 / 9.4; 3D U-Net 320-320@4 3.5 / 4.0; DCGAN 256-128@8
-  // batch 16 15.7 / 16.7; U-Net 1024-512 14.2 / 17.1; pix2pix 1024-256 26.1 / 33.2, 512-128
-  // 26.9 / 31.2. With a patch row of 1024 or fewer (U-Net 256-128@64 21.3 / 16.2, pix2pix
+  // batch 2 7.5 / 9.4; 3D U-Net 320-320@4 3.5 / 4.0; DCGAN 256-128@8 batch 16 15.7 / 16.7;
+  // U-Net 1024-512 14.2 / 17.1; pix2pix 1024-256 26.1 / 33.2, 512-128 26.9 / 31.2. With a
+  // patch row of 1024 or fewer (U-Net 256-128@64 21.3 / 16.2, pix2pix
   // 256-64@64 31.2 / 27.9, 3D U-Net 256-128@16 77.4 / 69.2) or under 256 channels (DCGAN
-  // 128-64@16 19.6 / 15.2) the separate passes won; so did they over more than 1024 rows of
-  // short runs along w (DCGAN 256-128@8 batch 64, kw 4: 62.1 / 60.4; HiFi-GAN's kw 16 rows
-  // are copied as runs and won at 4096 rows), and at 16 rows (pix2pix 1024-512@4, where the
-  // separate passes stream the weight: 6.1 / 4.9).
+  // 128-64@16 19.6 / 15.2) the separate passes won; so did they at 16 rows (pix2pix
+  // 1024-512@4, where they stream the weight: 6.1 / 4.9). Past 1024 rows with 256-511
+  // channels the two tied at best (DCGAN 256-128@8 batch 64: 62.1 / 60.4) and varied run to
+  // run (HiFi-GAN 256-128 batch 16: 58-80 / 60-64; in a training call 89-109 / 90-92): left to
+  // the separate passes.
   const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
   const i64 K = Cout_g * weight.size(2) * weight.size(3) * weight.size(4);
   const i64 rows = x.size(0) * x.size(2) * x.size(3) * x.size(4);
@@ -303,9 +304,11 @@ bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::
   // pixels the two tied and at 2x2 the separate passes won, 7.0 vs 7.3).
   if (rows <= 2 && groups == 1) return true;
   // A very long patch row (FCN's k64s32, 1024 phases of a 21-channel layer: each separate
-  // pass multiplies 1024 small GEMMs): 35.0 vs 46.4 ms at 16x16 (K = 86016).
-  if (K >= 16384 && rows >= 64) return true;
-  return Cin_g >= 256 && K >= 2048 && rows >= 64 && (rows <= 1024 || weight.size(4) >= 8);
+  // pass multiplies 1024 small GEMMs): 35.0 vs 46.4 ms at 16x16 (K = 86016). Measured
+  // ungrouped only.
+  if (groups == 1 && K >= 16384 && rows >= 64) return true;
+  return K >= 2048 && ((Cin_g >= 512 && rows >= 128) || (Cin_g >= 256 && rows >= 64 &&
+                                                        rows <= 1024));
 }
 
 }  // namespace kst
