@@ -474,6 +474,23 @@ def test_forward_rule_weight_heavy(c_in, size, no_graph, graph):
         assert_close(out.detach(), ref, torch.float32, reduction_length(c_in, 1, (4, 4), (2, 2)))
 
 
+def test_forward_rule_weight_heavy_one_tap_a_phase():
+    """A weight-heavy k2s2 layer past 16 pixels (a U-Net's deep up-convolution): in a pass that
+    records a graph (the weight packed for that call only) GEMM first, which multiplies the
+    weight as it is; with the packed weight kept (no graph), the patch matrix x BLAS."""
+    if not (cpp_engine.gemm_paths()["brgemm"] and cpp_engine.gemm_paths()["skinny"]):
+        pytest.skip("the rule picks among brgemm paths and the short-dimension GEMMs")
+    import triton_kstconv as K
+    x = torch.randn(1, 512, 8, 8)
+    w = torch.randn(512, 256, 2, 2)
+    ref = torch.nn.functional.conv_transpose2d(x.double(), w.double(), stride=2)
+    for wt, expect in ((w, 1), (w.clone().requires_grad_(), 2)):
+        with torch.set_grad_enabled(wt.requires_grad):
+            out = K.conv_transpose2d(x, wt, stride=2, backend="cpp")
+        assert cpp_engine.last_method["fwd"] == expect, wt.requires_grad
+        assert_close(out.detach(), ref, torch.float32, reduction_length(512, 1, (2, 2), (2, 2)))
+
+
 @pytest.mark.parametrize("nd,size,k,s,p,act", [
     (2, (6, 16), 4, 2, 1, "relu"),      # two phases interleaved, rows of 32
     (2, (5, 12), 3, 2, 1, None),        # rows of 23: the aligned head, then the tail

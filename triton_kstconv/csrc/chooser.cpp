@@ -116,6 +116,16 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     const bool weight_as_is = per_call && heavy && src.size(0) * in_img <= 16;
     if (in_img <= 4) return P.P > 1 && !weight_as_is ? kPatchBrgemm : kGemmFirst;
     if (weight_as_is) return kGemmFirst;
+    // Packed for one call, a weight-heavy layer of one tap a phase (k == s: U-Net's deep k2s2
+    // up-convolutions; GEMM first is one GEMM against the weight as it is and a pixel shuffle)
+    // takes GEMM first too. Training-pass forward side by side, GEMM first / the patch matrix
+    // (oneDNN), ms: U-Net 1024-512@16 8.1-8.5 / 9.6-9.7 (8.6-9.3), 3D U-Net 320-320@4 1.9-2.0
+    // / 2.5 (2.5). Not weight-heavy, the rule's own choice won or tied (U-Net 128-64@128 9.5 /
+    // 11.2 for GEMM first, 3D U-Net 256-128@16 32 / 43).
+    bool one_tap = true;  // every phase of every axis (k == s, or k < s)
+    for (int d = 0; d < 3; ++d)
+      for (const AxisPhase& ph : P.ax[d].ph) one_tap = one_tap && ph.T() <= 1;
+    if (per_call && heavy && one_tap) return kGemmFirst;
     // Implicit GEMM (MK) multiplies tiles of brg_rows pixels, each against the phase's whole
     // weight panel for one (d, h) tap [taps_w x c_src, c_dst]: past one core's L2 that panel is
     // streamed again for every tile, and the patch matrix x BLAS (which packs the weight once per
@@ -287,13 +297,12 @@ bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::
   // HiFi-GAN 512-256 k16s8 batch 16 26.8 / 36.9, batch 2 3.9 / 4.4; HiFi-GAN 256-128 k16s8
   // batch 2 7.5 / 9.4; 3D U-Net 320-320@4 3.5 / 4.0; DCGAN 256-128@8 batch 16 15.7 / 16.7;
   // U-Net 1024-512 14.2 / 17.1; pix2pix 1024-256 26.1 / 33.2, 512-128 26.9 / 31.2. With a
-  // patch row of 1024 or fewer (U-Net 256-128@64 21.3 / 16.2, pix2pix
-  // 256-64@64 31.2 / 27.9, 3D U-Net 256-128@16 77.4 / 69.2) or under 256 channels (DCGAN
-  // 128-64@16 19.6 / 15.2) the separate passes won; so did they at 16 rows (pix2pix
-  // 1024-512@4, where they stream the weight: 6.1 / 4.9). Past 1024 rows with 256-511
-  // channels the two tied at best (DCGAN 256-128@8 batch 64: 62.1 / 60.4) and varied run to
-  // run (HiFi-GAN 256-128 batch 16: 58-80 / 60-64; in a training call 89-109 / 90-92): left to
-  // the separate passes.
+  // patch row of 1024 or fewer (U-Net 256-128@64 21.3 / 16.2, pix2pix 256-64@64 31.2 / 27.9,
+  // 3D U-Net 256-128@16 77.4 / 69.2) or under 256 channels (DCGAN 128-64@16 19.6 / 15.2) the
+  // separate passes won; so did they at 16 rows (pix2pix 1024-512@4, where they stream the
+  // weight: 6.1 / 4.9). Past 1024 rows with 256-511 channels the two tied at best (DCGAN
+  // 256-128@8 batch 64: 62.1 / 60.4) and varied run to run (HiFi-GAN 256-128 batch 16: 58-80
+  // / 60-64; in a training call 89-109 / 90-92): left to the separate passes.
   const i64 Cin_g = x.size(1) / groups, Cout_g = dy.size(1) / groups;
   const i64 K = Cout_g * weight.size(2) * weight.size(3) * weight.size(4);
   const i64 rows = x.size(0) * x.size(2) * x.size(3) * x.size(4);
