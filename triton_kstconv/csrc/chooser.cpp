@@ -119,8 +119,8 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // Packed for one call, a weight-heavy layer of one tap a phase (k == s: U-Net's deep k2s2
     // up-convolutions; GEMM first is one GEMM against the weight as it is and a pixel shuffle)
     // takes GEMM first too. Training-pass forward side by side, GEMM first / the patch matrix
-    // (oneDNN), ms: U-Net 1024-512@16 8.1-8.5 / 9.6-9.7 (8.6-9.3), 3D U-Net 320-320@4 1.9-2.0
-    // / 2.5 (2.5). Not weight-heavy, the rule's own choice won or tied (U-Net 128-64@128 9.5 /
+    // (oneDNN), ms: U-Net 1024-512@16 7.4-8.5 / 8.2-9.7 (8.6-9.3), 3D U-Net 320-320@4 1.9-2.3
+    // / 2.5-2.7 (2.5-2.9). Not weight-heavy, the rule's own choice won or tied (U-Net 128-64@128 9.5 /
     // 11.2 for GEMM first, 3D U-Net 256-128@16 32 / 43).
     bool one_tap = true;  // every phase of every axis (k == s, or k < s)
     for (int d = 0; d < 3; ++d)
