@@ -161,12 +161,35 @@ def test_grad_weight_methods(name, method, dtype, items):
     assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_weight_brgemm_padded_rows(name):
+    """grad_weight's brgemm strategy with padded rows everywhere (the rule takes shifted input
+    copies on narrow images, which most cases are)."""
+    c = BY_NAME[name]
+    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, False, torch.float32)
+    wr = w.clone().requires_grad_()
+    y = reference(x, wr, None, c.nd, **c.conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    with cpp_engine.tuning(wgrad_shifted=0):
+        dw = cpp_engine.grad_weight(x, g, w.shape, _geom(c), torch.float32, method=3)
+    assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+
+
+def _amd_with_avx512() -> bool:
+    with open("/proc/cpuinfo") as fh:
+        info = fh.read()
+    return "AuthenticAMD" in info and " avx512f" in info
+
+
 def test_gemm_paths_found():
     """The GEMMs the engine takes from libtorch_cpu (the CPU wheel this project pins has all),
     and its own short-dimension GEMMs (AVX2 with FMA, which every machine this project runs on
-    has)."""
+    has); the float32 GEMMs go over brgemm tiles where MKL runs below the CPU's widest vectors
+    (an AMD processor with AVX-512)."""
     assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True,
-                                       "skinny": True}
+                                       "skinny": True, "brgemm_gemm": _amd_with_avx512()}
 
 
 def test_stale_build_lock_is_removed(tmp_path):
@@ -411,6 +434,11 @@ def test_patch_backward_rule(knobs):
     batch 1, 1-D too), and leaves a shallow layer, 4 pixels, 256 channels past 1024 rows and a
     grouped layer of one pixel to the other paths."""
     knobs(joint=-1)
+    with cpp_engine.tuning(brgemm_rules=0):
+        _patch_backward_rule_mkl()
+
+
+def _patch_backward_rule_mkl():
     assert _patch_rule_case(512, 256, (4, 4), 8) == "patch"
     assert _patch_rule_case(64, 64, (1, 1), 1) == "patch"
     assert _patch_rule_case(64, 64, (1, 1), 2) == "patch"
@@ -427,6 +455,21 @@ def test_patch_backward_rule(knobs):
     assert _patch_rule_case(128, 128, (8, 8), 4) != "patch"
     # a very long row (FCN's k64s32: 16384 of 4 channels)
     assert _patch_rule_case(4, 4, (4, 4), 4, k=64, s=32, p=16) == "patch"
+
+
+def test_patch_backward_rule_brgemm(knobs):
+    """Where the GEMMs go over brgemm tiles (an AMD CPU with AVX-512), the patch backward
+    keeps one or two input pixels in the batch, the very long rows and the deep layers up to
+    512 rows; past them the separate passes, on brgemm's own tiles, won."""
+    knobs(joint=-1)
+    with cpp_engine.tuning(brgemm_rules=1):
+        assert _patch_rule_case(64, 64, (1, 1), 1) == "patch"
+        assert _patch_rule_case(32, 16, (1,), 2) == "patch"
+        assert _patch_rule_case(512, 256, (4, 4), 8) == "patch"      # 128 rows
+        assert _patch_rule_case(256, 128, (8, 8), 8) == "patch"      # 512 rows
+        assert _patch_rule_case(256, 128, (8, 8), 9) != "patch"      # 576 rows
+        assert _patch_rule_case(4, 4, (4, 4), 4, k=64, s=32, p=16) == "patch"
+        assert _patch_rule_case(64, 64, (1, 1), 1, groups=64) != "patch"
 
 
 def test_forward_rule_weight_panel_past_l2():
@@ -776,12 +819,14 @@ def test_grad_weight_rule_grouped(cin_g, groups, expect):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
-@pytest.mark.parametrize("nd,c_out,method", [(2, 64, 3), (2, 128, 1), (3, 64, 3), (3, 128, 1)],
-                         ids=str)
-def test_grad_input_rule_kernel_equals_stride(nd, c_out, method):
+@pytest.mark.parametrize("nd,c_out,method,rules", [
+    (2, 64, 3, 0), (2, 128, 1, 0), (3, 64, 3, 0), (3, 128, 1, 0), (2, 128, 3, 1), (3, 128, 3, 1)],
+    ids=str)
+def test_grad_input_rule_kernel_equals_stride(nd, c_out, method, rules):
     """grad_input of a k2s2 layer (U-Net decoders) of at least 1024 input pixels: the patch
     matrix (grad_out rearranged, one dense GEMM) from 128 grad_out channels, implicit GEMM
-    below. Either way PyTorch's values."""
+    below; implicit GEMM throughout where the GEMMs go over brgemm tiles (rules=1). Either way
+    PyTorch's values."""
     if not cpp_engine.gemm_paths()["brgemm"]:
         pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
     size = {2: (32, 33), 3: (8, 10, 13)}[nd]   # rows of more than 8 pixels
@@ -792,8 +837,9 @@ def test_grad_input_rule_kernel_equals_stride(nd, c_out, method):
     y = reference(xr, w, None, nd, stride=k)
     g = torch.randn_like(y)
     y.backward(g)
-    dx = cpp_engine.grad_input(g.float(), w.float(), geometry_of(size, k, k, (0,) * nd,
-                                                                 (0,) * nd, 1, (1,) * nd))
+    with cpp_engine.tuning(brgemm_rules=rules):
+        dx = cpp_engine.grad_input(g.float(), w.float(), geometry_of(size, k, k, (0,) * nd,
+                                                                     (0,) * nd, 1, (1,) * nd))
     assert cpp_engine.last_method["dgrad"] == method, cpp_engine.last_method
     assert_close(dx, xr.grad, torch.float32, reduction_length(c_out, 1, k, k))
 

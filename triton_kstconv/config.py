@@ -22,7 +22,8 @@ class Knobs:
     method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7)
     dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-7)
     wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-4)
-    blas: str = "auto"              # KSTCONV_BLAS=aten: the C++ engine's GEMMs through at::mm
+    blas: str = "auto"              # KSTCONV_BLAS: aten (every GEMM through at::mm), mkl or
+                                    # brgemm (float32 GEMMs), unset: the engine chooses
     cxxflags: tuple = ()            # KSTCONV_CXXFLAGS: extra flags for the C++ build
 
     @classmethod
@@ -37,8 +38,8 @@ class Knobs:
                 raise ValueError(f"{name}={raw!r}: expected an integer") from None
 
         blas = env.get("KSTCONV_BLAS", "auto") or "auto"
-        if blas not in ("auto", "aten"):
-            raise ValueError(f"KSTCONV_BLAS={blas!r}: expected 'aten' or unset")
+        if blas not in ("auto", "aten", "mkl", "brgemm"):
+            raise ValueError(f"KSTCONV_BLAS={blas!r}: expected 'aten', 'mkl', 'brgemm' or unset")
         return cls(backend=env.get("KSTCONV_BACKEND") or None,
                    autotune=env.get("KSTCONV_AUTOTUNE", "1") != "0",
                    tuned_table=env.get("KSTCONV_TUNED_TABLE") or None,

@@ -100,7 +100,7 @@ def load(verbose: bool = False):
             mod = _load(name=name, sources=_sources(), extra_cflags=flags + extra,
                         extra_ldflags=["-fopenmp"] + [f for f in extra if f.startswith("-fsan")],
                         build_directory=build_dir, verbose=verbose)
-        mod.configure(config.knobs().blas == "aten")
+        mod.configure(("auto", "aten", "mkl", "brgemm").index(config.knobs().blas))
         _MODULE = mod
         return _MODULE
 
@@ -118,7 +118,9 @@ def tuning(**values):
     forward's rule compares weight panels with; stream_bytes, the destination size from which
     the direct strategy writes with non-temporal stores; row_kernel (1 or 0), whether the direct
     forward takes its row kernel where it applies; whole_rows (1 or 0), whether implicit GEMM's
-    tiles may span rows shorter than a tile."""
+    tiles may span rows shorter than a tile; wgrad_shifted (1 or 0), whether grad_weight's
+    brgemm strategy takes shifted input copies on narrow images; brgemm_rules (-1, 0 or 1),
+    the chooser's rules for a CPU whose GEMMs go over brgemm: where they do, never, always."""
     mod = load()
     saved = dict(mod.get_tuning())
     mod.set_tuning(values)

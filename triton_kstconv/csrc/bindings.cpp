@@ -28,22 +28,48 @@ void check_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tenso
 }  // namespace
 
 // Once, before any other call: KSTCONV_BLAS=aten takes at::mm for every GEMM.
-void configure(bool use_aten) { blas(use_aten); }
+void configure(int mode) { blas(mode); }
 
 // Which GEMMs the engine found (the tests and the benchmarks say it).
 std::map<std::string, bool> gemm_paths() {
   const Blas& b = blas();
   return {{"mkl_gemm", b.sgemm != nullptr}, {"mkl_packed_gemm", b.spack != nullptr},
-          {"brgemm", b.brgemm != nullptr}, {"skinny", skinny_gemm_available()}};
+          {"brgemm", b.brgemm != nullptr}, {"skinny", skinny_gemm_available()},
+          {"brgemm_gemm", b.brgemm_gemm}};
+}
+
+// C (+)= op(A) op(B) through gemm_brgemm, on contiguous 2-d float32 tensors given as stored
+// (A [K, M] where ta, B [N, K] where tb); `threads`: from outside a parallel region (the
+// tiles spread over the threads) or from inside one (tests).
+void gemm_brgemm_call(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool ta, bool tb,
+                      bool accumulate, bool threads) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                  c.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
+                  c.is_contiguous() && a.dim() == 2 && b.dim() == 2 && c.dim() == 2,
+              "gemm_brgemm: contiguous 2-d float32 tensors");
+  const i64 M = c.size(0), N = c.size(1), K = ta ? a.size(0) : a.size(1);
+  auto run = [&] {
+    gemm_brgemm(ta, tb, M, N, K, a.data_ptr<float>(), a.size(1), b.data_ptr<float>(), b.size(1),
+                accumulate, c.data_ptr<float>(), N);
+  };
+  if (threads) run();
+  else at::parallel_for(0, 1, 1, [&](i64, i64) { run(); });
 }
 
 // The work-item sizes (tests: many tiny items); a missing key keeps its value.
 void set_tuning(const std::map<std::string, i64>& values) {
   Tuning& t = tuning();
   for (const auto& [key, v] : values) {
-    if (key == "row_kernel" || key == "whole_rows") {   // switches, not sizes
+    if (key == "row_kernel" || key == "whole_rows" || key == "wgrad_shifted") {  // switches
       TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value ", key, "=", v, " must be 0 or 1");
-      (key == "row_kernel" ? t.row_kernel : t.whole_rows) = v;
+      (key == "row_kernel" ? t.row_kernel : key == "whole_rows" ? t.whole_rows
+                                                                 : t.wgrad_shifted) = v;
+      continue;
+    }
+    if (key == "brgemm_rules") {
+      TORCH_CHECK(v >= -1 && v <= 1, "kstconv: tuning value ", key, "=", v,
+                  " must be -1 (auto), 0 or 1");
+      t.brgemm_rules = v;
       continue;
     }
     TORCH_CHECK(v >= 1, "kstconv: tuning value ", key, "=", v, " must be positive");
@@ -64,7 +90,8 @@ std::map<std::string, i64> get_tuning() {
           {"gemm_first_cap", t.gemm_first_cap}, {"brg_rows", t.brg_rows},
           {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
           {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel},
-          {"whole_rows", t.whole_rows}};
+          {"whole_rows", t.whole_rows}, {"wgrad_shifted", t.wgrad_shifted},
+          {"brgemm_rules", t.brgemm_rules}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
@@ -287,8 +314,9 @@ std::vector<std::vector<std::vector<std::vector<i64>>>> plan_classes(
 }  // namespace kst
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("configure", &kst::configure, "once, first: KSTCONV_BLAS=aten");
+  m.def("configure", &kst::configure, "once, first: KSTCONV_BLAS (0 auto, 1 aten, 2 mkl, 3 brgemm)");
   m.def("gemm_paths", &kst::gemm_paths, "which GEMMs were found in libtorch_cpu");
+  m.def("gemm_brgemm", &kst::gemm_brgemm_call, "the GEMM over brgemm tiles (tests)");
   m.def("set_tuning", &kst::set_tuning, "work-item sizes (tests)");
   m.def("get_tuning", &kst::get_tuning, "work-item sizes");
   m.def("implicit_whole_row_runs", [] { return kst::implicit_whole_row_runs().load(); },

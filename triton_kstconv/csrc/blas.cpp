@@ -11,9 +11,9 @@ namespace {
 // ATen's brgemm is a C++ function: its mangled name, as libtorch_cpu exports it.
 constexpr const char* kBrgemmSymbol = "_ZN2at6native7cpublas6brgemmEllllllbPKfS3_Pfb";
 
-Blas lookup(bool use_aten) {
+Blas lookup(int mode) {
   Blas b;
-  if (use_aten) {
+  if (mode == kBlasAten) {
     b.own = false;
     return b;
   }
@@ -37,6 +37,7 @@ Blas lookup(bool use_aten) {
     b.sgemm = nullptr, b.dgemm = nullptr;
     return b;
   }
+  b.brgemm_gemm = b.brgemm && (mode == kBlasBrgemm || (mode == kBlasAuto && brgemm_gemm_default()));
   b.spack_size = reinterpret_cast<spack_size_t>(dlsym(h, "cblas_sgemm_pack_get_size"));
   b.spack = reinterpret_cast<spack_t>(dlsym(h, "cblas_sgemm_pack"));
   b.scompute = reinterpret_cast<scompute_t>(dlsym(h, "cblas_sgemm_compute"));
@@ -54,8 +55,8 @@ at::Tensor cm_view(const T* p, i64 rows, i64 cols, i64 ld) {
 
 }  // namespace
 
-const Blas& blas(bool use_aten) {
-  static const Blas b = lookup(use_aten);
+const Blas& blas(int mode) {
+  static const Blas b = lookup(mode);
   return b;
 }
 
@@ -64,6 +65,13 @@ void gemm_cm(bool ta, bool tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda
              i64 ldb, T beta, T* c, i64 ldc) {
   if (m == 0 || n == 0) return;
   const Blas& bl = blas();
+  if constexpr (std::is_same<T, float>::value) {
+    if (bl.brgemm_gemm && alpha == 1.f && (beta == 0.f || beta == 1.f)) {
+      // column-major C = op(A) op(B) is row-major C^T = op(B)^T op(A)^T
+      gemm_brgemm(tb, ta, n, m, k, b, ldb, a, lda, beta != 0.f, c, ldc);
+      return;
+    }
+  }
   const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX && lda < INT32_MAX &&
                     ldb < INT32_MAX && ldc < INT32_MAX;
   const bool have = std::is_same<T, float>::value ? bl.sgemm != nullptr : bl.dgemm != nullptr;

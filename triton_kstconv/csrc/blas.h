@@ -36,11 +36,26 @@ struct Blas {
   spack_t spack = nullptr;
   scompute_t scompute = nullptr;
   bool own = true;  // the engine's own short-dimension GEMMs (false under KSTCONV_BLAS=aten)
+  // float32 GEMMs over brgemm tiles (gemm_brgemm) instead of MKL's sgemm and packed API: by
+  // default where MKL runs below the CPU's widest vectors (brgemm_gemm_default)
+  bool brgemm_gemm = false;
 };
 
-// The GEMMs found (looked up once; `use_aten`, from KSTCONV_BLAS=aten, given at the first call:
-// at::mm for every GEMM, no brgemm, none of the engine's own).
-const Blas& blas(bool use_aten = false);
+// KSTCONV_BLAS: auto (the engine's choice), aten (at::mm for every GEMM, no brgemm, none of
+// the engine's own), mkl (MKL's sgemm wherever it is found), brgemm (float32 GEMMs over
+// brgemm tiles wherever brgemm is found).
+enum BlasMode : int { kBlasAuto = 0, kBlasAten = 1, kBlasMkl = 2, kBlasBrgemm = 3 };
+
+// The GEMMs found (looked up once; `mode`, from KSTCONV_BLAS, given at the first call).
+const Blas& blas(int mode = kBlasAuto);
+
+// Whether this CPU's MKL runs below its widest vectors where brgemm does not: an AMD processor
+// with AVX-512 (MKL's AMD path is AVX2).
+bool brgemm_gemm_default();
+// Row-major C[M, N] = op(A)[M, K] x op(B)[K, N] (+ C if accumulate), float32, over brgemm
+// tiles (gemm_brgemm.cpp); needs blas().brgemm.
+void gemm_brgemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, const float* B,
+                 i64 ldb, bool accumulate, float* C, i64 ldc);
 
 // Column-major GEMM: C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (beta == 0: C not read).
 template <typename T>

@@ -58,6 +58,18 @@ bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g) {
   return 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g) > double(tuning().l2_bytes);
 }
 
+// Where the float32 GEMMs go over brgemm tiles (an AMD CPU with AVX-512, whose MKL path is
+// AVX2; blas.h), the strategies built on brgemm's own tiles beat those built on a patch matrix
+// and a GEMM. Passes side by side against oneDNN on a 2-core Zen 4 (ratio, higher is better; the
+// rules' choice before / implicit GEMM or brgemm): grad_input DCGAN 256-128@8 batch 64 0.76 /
+// 0.99, 512-256@4 0.76 / 0.83, U-Net 512-256@32 0.70 / 0.83, 3D U-Net 320-256@8 0.60 / 0.83,
+// HiFi-GAN 256-128 k16s8 0.88 / 0.97; grad_weight HiFi-GAN 256-128 0.83 / 0.96; the patch
+// backward only up to 512 rows (patch_backward_chosen).
+bool brgemm_rules() {
+  const i64 r = tuning().brgemm_rules;
+  return r == 1 || (r == -1 && blas().brgemm_gemm);
+}
+
 // The rules (no forcing): see README "CPU engine" for the strategies.
 Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                        const at::Tensor& weight, i64 groups, bool swap, bool per_call) {
@@ -152,6 +164,7 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
   // few grad_out channels (RGB heads, FSRCNN): implicit GEMM beat the patch matrix by 10-25 %
   // in 2D (dcgan 64-3, pix2pix 128-3, FSRCNN 56-1 at s 2-4)
   if (Csrc_g <= 8 && !one_d) return kImplicitMK;
+  if (brgemm_rules()) return kImplicitMK;
   // rows of at most 8 pixels (DCGAN's 8x8 input): the patch matrix from a channels-last copy
   // (patch_layout_mk) beat implicit GEMM by 10-15 % at batch 16 and 64
   if (patch_layout_mk(src, P, Csrc_g)) return kPatchBlas;
@@ -253,7 +266,8 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   // layers: brgemm lost or tied (HiFi-GAN 256-128 k16s8: 39 vs 31-32 ms for 1 and 2; 512-256 and
   // the k4s2 layers within noise); k == s over 8192 pixels: GEMM first (16-16 k2s2 at 128x128 1.03
   // / 1.25).
-  if (brg && groups == 1 && Cin_g >= 4 && Cout_g >= 4 && !(k_eq_s && in_img >= 8192) && !one_d)
+  if (brg && groups == 1 && Cin_g >= 4 && Cout_g >= 4 && !(k_eq_s && in_img >= 8192) &&
+      (!one_d || brgemm_rules()))
     return kWgradBrgemm;
   if (Cout_g <= 8) return kWgradGemmFirst;
   return c.b < c.a ? kWgradGemmFirst : kWgradPatch;
@@ -316,6 +330,13 @@ bool patch_backward_chosen(const at::Tensor& x, const at::Tensor& dy, const at::
   // pass multiplies 1024 small GEMMs): 35.0 vs 46.4 ms at 16x16 (K = 86016). Measured
   // ungrouped only.
   if (groups == 1 && K >= 16384 && rows >= 64) return true;
+  // Where the GEMMs go over brgemm tiles, the separate passes (brgemm's own tiles) took the
+  // layers past 512 rows (backward side by side, patch / separate, ratio to oneDNN, 2-core Zen
+  // 4: DCGAN 512-256@4 batch 64 0.78 / 0.90, HiFi-GAN 256-128 batch 16 0.86 / 0.95) and the
+  // patch backward those up to 512 (DCGAN 512-256@4 batch 16 0.94 / 0.61, batch 32 0.88 / 0.52,
+  // HiFi-GAN 512-256 batch 16 1.24 / 0.79, 256-128 batch 2 1.71 / 1.12, U-Net 1024-512@16 1.01
+  // / 0.87, pix2pix 1024-256@16 1.12 / 0.96, 1024-512@8 1.69 / 1.31).
+  if (brgemm_rules()) return K >= 2048 && Cin_g >= 256 && rows >= 64 && rows <= 512;
   return K >= 2048 && ((Cin_g >= 512 && rows >= 128) || (Cin_g >= 256 && rows >= 64 &&
                                                         rows <= 1024));
 }

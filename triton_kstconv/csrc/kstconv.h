@@ -16,6 +16,7 @@
 //   kstconv.h             shared types: sizes, strategies, tensor views, the epilogue, drivers
 //   blas.h / .cpp         the GEMMs PyTorch ships (MKL's sgemm_, its packed API, ATen's brgemm)
 //   gemm_skinny.cpp       the engine's own GEMMs with one short dimension (weight-heavy layers)
+//   gemm_brgemm.cpp       float32 GEMMs over brgemm tiles (where MKL runs below the CPU's ISA)
 //   plan.h / .cpp         the plan: decoding, validity classes, blocks, work items
 //   patches.h             patch matrices: im2col, the scatter of a GEMM's result, gather
 //   layout.h / .cpp       layout copies: transposes, channels-last copies, de-interleaving
@@ -94,6 +95,10 @@ struct Tuning {
                                     // 0 the general path (tests run both)
   i64 whole_rows = 1;               // implicit MK: 1 lets a tile span rows shorter than it, 0
                                     // keeps every tile in one row (tests run both)
+  i64 wgrad_shifted = 1;            // grad_weight brgemm: 1 takes shifted input copies where
+                                    // padded rows would waste, 0 never (tests run both)
+  i64 brgemm_rules = -1;            // the rules for a CPU whose GEMMs go over brgemm (chooser):
+                                    // -1 where they do (blas().brgemm_gemm), 1 always, 0 never
 };
 Tuning& tuning();
 

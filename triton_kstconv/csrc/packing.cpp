@@ -82,7 +82,7 @@ MklPacked mkl_pack_weights(const T* packed, const PackIndex& pi, i64 groups, i64
   MklPacked out;
   if constexpr (std::is_same<T, float>::value) {
     const Blas& bl = blas();
-    if (!bl.spack || pi.Cdst_g < 16) return out;
+    if (!bl.spack || bl.brgemm_gemm || pi.Cdst_g < 16) return out;
     std::vector<i64> off(groups * nP, -1);
     i64 total = 64;  // room to align the first matrix
     for (i64 g = 0; g < groups; ++g)
