@@ -510,11 +510,32 @@ def test_forward_rule_weight_heavy(c_in, size, no_graph, graph):
     runs = cpp_engine.load().skinny_gemm_runs
     for wt, expect in ((w, no_graph), (w.clone().requires_grad_(), graph)):
         before = runs()
-        with torch.set_grad_enabled(wt.requires_grad):
+        with torch.set_grad_enabled(wt.requires_grad), cpp_engine.tuning(brgemm_rules=0):
             out = K.conv_transpose2d(x, wt, stride=2, padding=1, backend="cpp")
         assert cpp_engine.last_method["fwd"] == expect, wt.requires_grad
         assert (runs() > before) == (expect == 2)
         assert_close(out.detach(), ref, torch.float32, reduction_length(c_in, 1, (4, 4), (2, 2)))
+
+
+@pytest.mark.parametrize("c_in,c_out,size,batch,graph", [
+    (1024, 256, (16, 16), 1, 2), (1024, 512, (8, 8), 1, 2), (512, 256, (4, 4), 16, 1),
+    (256, 128, (8, 8), 16, 3), (512, 256, (4, 4), 64, 1)], ids=str)
+def test_forward_rule_brgemm(c_in, c_out, size, batch, graph):
+    """The forward rule where the GEMMs go over brgemm tiles: in a training pass GEMM first
+    where the weight outweighs input and output eightfold (pix2pix's deep layers at batch 1),
+    the patch matrix from a 512 KiB weight panel whatever the L2 (DCGAN 512-256 at 4x4),
+    implicit GEMM below it (DCGAN 256-128 at 8x8)."""
+    if not (cpp_engine.gemm_paths()["brgemm"] and cpp_engine.gemm_paths()["skinny"]):
+        pytest.skip("the rule picks among brgemm paths and the short-dimension GEMMs")
+    import triton_kstconv as K
+    x = torch.randn(batch, c_in, *size)
+    w = torch.randn(c_in, c_out, 4, 4, requires_grad=True)
+    ref = torch.nn.functional.conv_transpose2d(x.double(), w.detach().double(), stride=2,
+                                               padding=1)
+    with cpp_engine.tuning(brgemm_rules=1, l2_bytes=2 << 20):
+        out = K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
+    assert cpp_engine.last_method["fwd"] == graph
+    assert_close(out.detach(), ref, torch.float32, reduction_length(c_in, 1, (4, 4), (2, 2)))
 
 
 def test_forward_rule_weight_heavy_one_tap_a_phase():

@@ -52,10 +52,11 @@ double tap_share(const Plan& P, const i64 kk[3]) {
 
 // Whether the weight panel an implicit-GEMM tile multiplies for one (d, h) tap, [taps along w x
 // c_src, c_dst] in float32, outgrows one core's L2 (every tile then streams it again).
-bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g) {
+bool panel_past_l2(const Plan& P, i64 Csrc_g, i64 Cdst_g, i64 cap_bytes = 0) {
   i64 tw_max = 0;
   for (const AxisPhase& ph : P.ax[2].ph) tw_max = std::max(tw_max, ph.T());
-  return 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g) > double(tuning().l2_bytes);
+  const i64 l2 = cap_bytes > 0 ? std::min(cap_bytes, tuning().l2_bytes) : tuning().l2_bytes;
+  return 4.0 * double(tw_max) * double(Csrc_g) * double(Cdst_g) > double(l2);
 }
 
 // Where the float32 GEMMs go over brgemm tiles (an AMD CPU with AVX-512, whose MKL path is
@@ -147,7 +148,18 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
     // 512-128 at 32x32: 16.8 vs 19.1; 3D U-Net 320-256: 14.7 vs 17.8). Weight-heavy layers
     // (batch-1 deep decoders) take the patch matrix too: it tied GEMM first at 4x4 and beat it
     // 2.7x at 8x8 (forward methods side by side, AVX2 VM).
-    if (heavy || panel_past_l2(P, Csrc_g, Cdst_g)) return kPatchBlas;
+    //
+    // Where the GEMMs go over brgemm tiles (brgemm_rules): the patch matrix from a 512 KiB
+    // panel whatever the L2 (DCGAN 512-256 at 4x4, a 1 MiB panel, 2 MiB L2, batch 64, ratio to
+    // oneDNN, patch / implicit: packed weight 1.11 / 0.86, packed per call 1.00 / 0.83), and GEMM
+    // first for a training pass where the weight outweighs the activations eightfold (pix2pix
+    // 1024-256@16 batch 1: GEMM first 0.84, patch 0.64, implicit 0.83; 1024-512@8: 1.17 / 0.88
+    // / 0.48; at fivefold, DCGAN 512-256@4 batch 16, the patch matrix won: 1.12 / 0.92).
+    const bool brg_rules = brgemm_rules();
+    if (brg_rules && per_call && heavy && weight.numel() >= 8 * (src.numel() + dst.numel()))
+      return kGemmFirst;
+    if (heavy || panel_past_l2(P, Csrc_g, Cdst_g, brg_rules ? i64(512) << 10 : 0))
+      return kPatchBlas;
     // Implicit KM (method 4, the source read in place) lost to MK on every layer of the suite
     // (U-Net k2s2 at 64x64: 10.5 vs 17.3 ms, 3D U-Net 64-32: 230 vs 469, HiFi-GAN 128-64 k4s2:
     // 19.8 vs 39); it stays for forcing (KSTCONV_METHOD=4).
