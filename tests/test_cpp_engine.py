@@ -1,6 +1,7 @@
 """Every inner strategy of the C++ engine, forced, against PyTorch (the chooser must never pick
 a wrong one), including work split into many small items, ASan-friendly sizes."""
 import math
+import os
 
 import pytest
 import torch
@@ -177,6 +178,23 @@ def test_grad_weight_brgemm_padded_rows(name):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("shifted", [0, 1])
+@pytest.mark.parametrize("k,pad,dil", [(3, 4, 4), (9, 4, 1), (5, 6, 3)], ids=str)
+def test_grad_weight_brgemm_taps_past_the_input(k, pad, dil, shifted):
+    """Taps that meet no input column (large padding, dilation): with shifted input copies an
+    offset may reach no column at all (its copy is all zeros); with padded rows, wide padding."""
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    w = torch.randn(16, 12, k, k, dtype=torch.float64)
+    geom = geometry_of((3, 3), (k, k), (1, 1), (pad, pad), (0, 0), 1, (dil, dil))
+    wr = w.clone().requires_grad_()
+    y = torch.nn.functional.conv_transpose2d(x, wr, None, 1, pad, 0, 1, dil)
+    g = torch.randn_like(y)
+    y.backward(g)
+    with cpp_engine.tuning(wgrad_shifted=shifted):
+        dw = cpp_engine.grad_weight(x.float(), g.float(), w.shape, geom, torch.float32, method=3)
+    assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+
+
 def _amd_with_avx512() -> bool:
     with open("/proc/cpuinfo") as fh:
         info = fh.read()
@@ -188,8 +206,12 @@ def test_gemm_paths_found():
     and its own short-dimension GEMMs (AVX2 with FMA, which every machine this project runs on
     has); the float32 GEMMs go over brgemm tiles where MKL runs below the CPU's widest vectors
     (an AMD processor with AVX-512)."""
+    mode = os.environ.get("KSTCONV_BLAS", "") or "auto"
+    if mode not in ("auto", "mkl", "brgemm"):
+        pytest.skip(f"KSTCONV_BLAS={mode} changes the paths")
+    brgemm_gemm = {"auto": _amd_with_avx512(), "mkl": False, "brgemm": True}[mode]
     assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True,
-                                       "skinny": True, "brgemm_gemm": _amd_with_avx512()}
+                                       "skinny": True, "brgemm_gemm": brgemm_gemm}
 
 
 def test_stale_build_lock_is_removed(tmp_path):

@@ -52,8 +52,15 @@ void gemm_brgemm_call(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, b
     gemm_brgemm(ta, tb, M, N, K, a.data_ptr<float>(), a.size(1), b.data_ptr<float>(), b.size(1),
                 accumulate, c.data_ptr<float>(), N);
   };
-  if (threads) run();
-  else at::parallel_for(0, 1, 1, [&](i64, i64) { run(); });
+  if (threads) {
+    run();
+    return;
+  }
+  bool inside = false;   // two items, so that ATen opens a parallel region (one runs inline)
+  at::parallel_for(0, 2, 1, [&](i64 b0, i64) {
+    if (b0 == 0) inside = at::in_parallel_region(), run();
+  });
+  TORCH_CHECK(inside || at::get_num_threads() == 1, "gemm_brgemm: not in a parallel region");
 }
 
 // The work-item sizes (tests: many tiny items); a missing key keeps its value.

@@ -10,7 +10,10 @@
 // whole into the layout brgemm reads (rows of K for A, rows of N for B). Outside a parallel
 // region the tiles are spread over the threads; inside one (a strategy's work item) the call
 // runs on its own thread. Every element of C is one tile's sum in a fixed order: deterministic,
-// independent of the thread count.
+// independent of the thread count. ATen compiles and keeps one brgemm kernel per (M, N, K, lda,
+// ldb, ldc) and thread: the fixed tile and block sizes leave the tails and the leading
+// dimensions to make new ones. Not done: splitting K where C has fewer tiles than threads (a
+// 64 x 64 product of a long reduction runs on one thread).
 #include <ATen/Parallel.h>
 
 #include <cpuid.h>

@@ -4,7 +4,7 @@
 // contiguous) and X a channels-last copy of the input. Both share one padded row width Wc (zero
 // columns beyond the real ones), so a run of whole rows is one reduction of rows x Wc pixels
 // (the zero columns of D_p cancel whatever the shifted X rows hold there); on narrow images,
-// where those zero columns would be a fifth of the work or more, X is instead one copy per
+// where the padding is a fifth of the phases' width or more, X is instead one copy per
 // column offset of the taps, each as wide as the phases' rows. Work items are tiles of
 // (group, block of c_out, block of c_in), and, where that leaves threads idle, a fixed number of
 // batch ranges whose partial sums are added in a fixed order: the result does not depend on the
@@ -51,7 +51,8 @@ void padded_width(const Plan& P, Operands& o) {
   // whole rows meets no padding column.
   // Measured (grad_weight side by side, padded / shifted / oneDNN, ms, batch 64, 2-core Zen 4):
   // DCGAN 256-128 at 8x8 27.4 / 23.2 / 19.0, 512-256 at 4x4 33.3 / 25.8 / 23.9; at 16x16 (18
-  // columns for 16) the two tied (26.6 / 25.1, 25.1 / 24.7, 29.6 / 31.5), so from a fifth.
+  // columns for 16) the two tied (26.6 / 25.1, 25.1 / 24.7, 29.6 / 31.5), so from padding of a
+  // fifth of the phases' width (10 columns for 8).
   o.shifted = tuning().wgrad_shifted == 1 && 5 * o.Wc >= 6 * Qw_max;
   if (o.shifted) {
     for (const AxisPhase& ph : Aw.ph)
@@ -80,10 +81,13 @@ void input_copy(const at::Tensor& x, const Plan& P, Operands& o) {
         row_to_channels_last(Xv.at(n, 0, d, h, 0), Xv.st[1], Xv.st[4], Cin, W, row.data());
         for (i64 u = 0; u < U; ++u) {  // columns qw with 0 <= qw + off < W hold x, others 0
           float* dst = o.xs.get() + u * o.copy + r * Wc * Cin;
-          const i64 off = o.uoff[u], q0 = std::max<i64>(0, -off),
+          // (an offset may reach no column at all: a tap past the input, dilated kernels)
+          const i64 off = o.uoff[u], q0 = std::min(Wc, std::max<i64>(0, -off)),
                     q1 = std::max(q0, std::min(Wc, W - off));
           std::fill(dst, dst + q0 * Cin, 0.f);
-          std::copy(row.data() + (q0 + off) * Cin, row.data() + (q1 + off) * Cin, dst + q0 * Cin);
+          if (q1 > q0)
+            std::copy(row.data() + (q0 + off) * Cin, row.data() + (q1 + off) * Cin,
+                      dst + q0 * Cin);
           std::fill(dst + q1 * Cin, dst + Wc * Cin, 0.f);
         }
       }
