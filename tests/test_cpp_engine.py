@@ -141,6 +141,18 @@ def test_grad_input_methods(name, method, dtype, items):
     assert_close(dx, xr.grad, dtype, reduction_length(c.c_out, c.groups, c.kernel, (1,) * c.nd))
 
 
+def _grad_weight_case(c, dtype):
+    """A case's x and grad_out, the weight's shape, PyTorch's grad_weight and the reduction
+    length its tolerance takes."""
+    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
+                        c.padding, c.output_padding, c.dilation, False, dtype)
+    wr = w.clone().requires_grad_()
+    y = reference(x, wr, None, c.nd, **c.conv)
+    g = torch.randn_like(y)
+    y.backward(g)
+    return x, g, w.shape, wr.grad, 2 * y[0, 0].numel()
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("method,dtype", [(1, torch.float64), (2, torch.float64),
                                           (1, torch.float32), (2, torch.float32),
@@ -148,18 +160,13 @@ def test_grad_input_methods(name, method, dtype, items):
                                           (4, torch.float32)], ids=str)
 def test_grad_weight_methods(name, method, dtype, items):
     c = BY_NAME[name]
-    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
-                        c.padding, c.output_padding, c.dilation, False, torch.float64)
-    wr = w.clone().requires_grad_()
-    y = reference(x, wr, None, c.nd, **c.conv)
-    g = torch.randn_like(y)
-    y.backward(g)
+    x, g, shape, ref, length = _grad_weight_case(c, torch.float64)
     dw = _forced("wgrad", method, lambda: cpp_engine.grad_weight(
-        x.to(dtype), g.to(dtype), w.shape, _geom(c), dtype, method=method),
+        x.to(dtype), g.to(dtype), shape, _geom(c), dtype, method=method),
         refused=method == 4 and c.c_in > 16 * c.groups)
     if dw is None:
         return
-    assert_close(dw, wr.grad, dtype, 2 * y[0, 0].numel())
+    assert_close(dw, ref, dtype, length)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -167,15 +174,10 @@ def test_grad_weight_brgemm_padded_rows(name):
     """grad_weight's brgemm strategy with padded rows everywhere (the rule takes shifted input
     copies on narrow images, which most cases are)."""
     c = BY_NAME[name]
-    x, w, _ = make_case(c.nd, 2, c.c_in, c.c_out, c.groups, c.size, c.kernel, c.stride,
-                        c.padding, c.output_padding, c.dilation, False, torch.float32)
-    wr = w.clone().requires_grad_()
-    y = reference(x, wr, None, c.nd, **c.conv)
-    g = torch.randn_like(y)
-    y.backward(g)
+    x, g, shape, ref, length = _grad_weight_case(c, torch.float32)
     with cpp_engine.tuning(wgrad_shifted=0):
-        dw = cpp_engine.grad_weight(x, g, w.shape, _geom(c), torch.float32, method=3)
-    assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+        dw = cpp_engine.grad_weight(x, g, shape, _geom(c), torch.float32, method=3)
+    assert_close(dw, ref, torch.float32, length)
 
 
 @pytest.mark.parametrize("shifted", [0, 1])

@@ -27,7 +27,7 @@ void check_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tenso
 
 }  // namespace
 
-// Once, before any other call: KSTCONV_BLAS=aten takes at::mm for every GEMM.
+// Once, before any other call: the KSTCONV_BLAS mode (blas.h BlasMode).
 void configure(int mode) { blas(mode); }
 
 // Which GEMMs the engine found (the tests and the benchmarks say it).
@@ -321,7 +321,8 @@ std::vector<std::vector<std::vector<std::vector<i64>>>> plan_classes(
 }  // namespace kst
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("configure", &kst::configure, "once, first: KSTCONV_BLAS (0 auto, 1 aten, 2 mkl, 3 brgemm)");
+  m.def("configure", &kst::configure,
+        "once, first: KSTCONV_BLAS (0 auto, 1 aten, 2 mkl, 3 brgemm)");
   m.def("gemm_paths", &kst::gemm_paths, "which GEMMs were found in libtorch_cpu");
   m.def("gemm_brgemm", &kst::gemm_brgemm_call, "the GEMM over brgemm tiles (tests)");
   m.def("set_tuning", &kst::set_tuning, "work-item sizes (tests)");

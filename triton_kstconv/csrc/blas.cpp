@@ -37,7 +37,8 @@ Blas lookup(int mode) {
     b.sgemm = nullptr, b.dgemm = nullptr;
     return b;
   }
-  b.brgemm_gemm = b.brgemm && (mode == kBlasBrgemm || (mode == kBlasAuto && brgemm_gemm_default()));
+  b.brgemm_gemm =
+      b.brgemm && (mode == kBlasBrgemm || (mode == kBlasAuto && brgemm_gemm_default()));
   b.spack_size = reinterpret_cast<spack_size_t>(dlsym(h, "cblas_sgemm_pack_get_size"));
   b.spack = reinterpret_cast<spack_t>(dlsym(h, "cblas_sgemm_pack"));
   b.scompute = reinterpret_cast<scompute_t>(dlsym(h, "cblas_sgemm_compute"));

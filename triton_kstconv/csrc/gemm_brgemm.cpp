@@ -54,27 +54,27 @@ void gemm_brgemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda,
     if (outer && n > 1) at::parallel_for(0, n, 1, fn);
     else fn(0, n);
   };
-  // A transposed operand is copied once into the layout brgemm reads, 8 x 8 transposes
+  // A transposed operand is copied once into the layout brgemm reads: src [rows, cols] (leading
+  // dimension ld) into [cols, rows], 8 x 8 transposes in blocks of kTileM columns
   // (row_to_channels_last: element (c, w) at src[c * cst + w] to dst[w * C + c]).
   std::unique_ptr<float[]> at_, bt_;
-  if (ta && K > 0) {  // A stored [K, M] -> [M, K]
-    at_.reset(new float[M * K]);
-    spread(ceil_div(M, kTileM), [&](i64 b0, i64 b1) {
+  auto transposed = [&](const float* src, i64 ld, i64 rows, i64 cols) {
+    std::unique_ptr<float[]> dst(new float[rows * cols]);
+    spread(ceil_div(cols, kTileM), [&](i64 b0, i64 b1) {
       for (i64 b = b0; b < b1; ++b) {
-        const i64 m0 = b * kTileM;
-        row_to_channels_last(A + m0, lda, 1, K, std::min(kTileM, M - m0), at_.get() + m0 * K);
+        const i64 c0 = b * kTileM;
+        row_to_channels_last(src + c0, ld, 1, rows, std::min(kTileM, cols - c0),
+                             dst.get() + c0 * rows);
       }
     });
+    return dst;
+  };
+  if (ta && K > 0) {  // A stored [K, M] -> [M, K]
+    at_ = transposed(A, lda, K, M);
     A = at_.get(), lda = K;
   }
   if (tb && K > 0) {  // B stored [N, K] -> [K, N]
-    bt_.reset(new float[K * N]);
-    spread(ceil_div(K, kTileN), [&](i64 b0, i64 b1) {
-      for (i64 b = b0; b < b1; ++b) {
-        const i64 k0 = b * kTileN;
-        row_to_channels_last(B + k0, ldb, 1, N, std::min(kTileN, K - k0), bt_.get() + k0 * N);
-      }
-    });
+    bt_ = transposed(B, ldb, N, K);
     B = bt_.get(), ldb = N;
   }
   const i64 mt = ceil_div(M, kTileM), nt = ceil_div(N, kTileN);

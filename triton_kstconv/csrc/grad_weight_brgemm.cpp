@@ -231,8 +231,9 @@ void reduce_tile(const Plan& P, const Operands& o, float* acc, i64 g, i64 co0, i
               for (i64 tw = 0; tw < pw.T(); ++tw) {
                 const i64 j = (pd.widx[td] * kk[1] + ph.widx[th]) * kk[2] + pw.widx[tw];
                 const float* B =
-                    o.shifted ? Xplane + o.copy_of(pw.soff[tw]) * o.copy + (a + ph.soff[th] * Wc) * Cin
-                              : Xplane + (a + ph.soff[th] * Wc + pw.soff[tw] + o.padL) * Cin;
+                    o.shifted
+                        ? Xplane + o.copy_of(pw.soff[tw]) * o.copy + (a + ph.soff[th] * Wc) * Cin
+                        : Xplane + (a + ph.soff[th] * Wc + pw.soff[tw] + o.padL) * Cin;
                 brg(mco, nci, b - a, pd.Q * plane, Cin, nci, true, A0 + a, B,
                     acc + j * mco * nci, false);
               }
