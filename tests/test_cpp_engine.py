@@ -157,13 +157,18 @@ def _grad_weight_case(c, dtype):
 @pytest.mark.parametrize("method,dtype", [(1, torch.float64), (2, torch.float64),
                                           (1, torch.float32), (2, torch.float32),
                                           (3, torch.float32), (4, torch.float64),
-                                          (4, torch.float32)], ids=str)
+                                          (4, torch.float32), (5, torch.float32),
+                                          (5, torch.float64)], ids=str)
 def test_grad_weight_methods(name, method, dtype, items):
+    """Every grad_weight strategy forced on every case: PyTorch's sums, or, where it cannot run
+    (direct past 16 input channels a group, the register tiles in float64 or without AVX-512),
+    refused with the reason."""
     c = BY_NAME[name]
     x, g, shape, ref, length = _grad_weight_case(c, torch.float64)
+    refused = (method == 4 and c.c_in > 16 * c.groups) or (
+        method == 5 and (dtype != torch.float32 or not cpp_engine.gemm_paths()["wgrad_rows"]))
     dw = _forced("wgrad", method, lambda: cpp_engine.grad_weight(
-        x.to(dtype), g.to(dtype), shape, _geom(c), dtype, method=method),
-        refused=method == 4 and c.c_in > 16 * c.groups)
+        x.to(dtype), g.to(dtype), shape, _geom(c), dtype, method=method), refused=refused)
     if dw is None:
         return
     assert_close(dw, ref, dtype, length)
@@ -197,10 +202,55 @@ def test_grad_weight_brgemm_taps_past_the_input(k, pad, dil, shifted):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded", "strided"])
+@pytest.mark.parametrize("nd,n,c_in,c_out,size,k,s,p", [
+    (1, 2, 64, 40, 1500, 4, 2, 1),    # one row outgrows a chunk: pieces along w
+    (2, 1, 70, 20, 70, 3, 2, 1),      # many rows: chunks of rows, 70 input channels (a masked tail)
+    (2, 5, 16, 13, 6, 4, 2, 1),       # a chunk of several images, 13 output channels
+    (3, 2, 8, 12, 5, 2, 2, 0)], ids=str)
+def test_grad_weight_rows_any_grad_out(nd, n, c_in, c_out, size, k, s, p, layout):
+    """grad_weight's register tiles read grad_out where it lies, whatever its strides (a
+    channels-last gradient, the expanded one of y.sum(), a strided slice), over chunks of rows
+    and of columns: PyTorch's sums."""
+    _rows_or_skip(True)
+    x = torch.randn(n, c_in, *(size,) * nd, dtype=torch.float64)
+    w = torch.randn(c_in, c_out, *(k,) * nd, dtype=torch.float64)
+    conv = [None, torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+            torch.nn.functional.conv_transpose3d][nd]
+    out_shape = conv(x[:1], w, None, s, p).shape[1:]
+    if layout == "expanded":
+        g = torch.ones(()).expand(n, *out_shape)
+    elif layout == "strided":
+        g = torch.randn(n, 2 * out_shape[0], *out_shape[1:])[:, ::2]
+    else:
+        g = torch.randn(n, *out_shape)
+        if layout == "channels_last":
+            g = g.movedim(1, -1).contiguous().movedim(-1, 1)
+    assert layout == "contiguous" or not g.is_contiguous()
+    wr = w.clone().requires_grad_()
+    conv(x, wr, None, s, p).backward(g.double())
+    geom = geometry_of(x.shape[2:], (k,) * nd, (s,) * nd, (p,) * nd, (0,) * nd, 1, (1,) * nd)
+    dw = _forced("wgrad", 5, lambda: cpp_engine.grad_weight(
+        x.float(), g, w.shape, geom, torch.float32, method=5))
+    assert_close(dw, wr.grad, torch.float32, n * math.prod(out_shape[1:]))
+
+
 def _amd_with_avx512() -> bool:
     with open("/proc/cpuinfo") as fh:
         info = fh.read()
     return "AuthenticAMD" in info and " avx512f" in info
+
+
+def _has_avx512() -> bool:
+    with open("/proc/cpuinfo") as fh:
+        return " avx512f" in fh.read()
+
+
+def _rows_or_skip(rows):
+    """grad_weight's register tiles (method 5) need AVX-512: a case that takes them is skipped
+    where this CPU has none."""
+    if rows and not cpp_engine.gemm_paths()["wgrad_rows"]:
+        pytest.skip("grad_weight's register tiles need AVX-512")
 
 
 def test_gemm_paths_found():
@@ -213,7 +263,8 @@ def test_gemm_paths_found():
         pytest.skip(f"KSTCONV_BLAS={mode} changes the paths")
     brgemm_gemm = {"auto": _amd_with_avx512(), "mkl": False, "brgemm": True}[mode]
     assert cpp_engine.gemm_paths() == {"mkl_gemm": True, "mkl_packed_gemm": True, "brgemm": True,
-                                       "skinny": True, "brgemm_gemm": brgemm_gemm}
+                                       "skinny": True, "brgemm_gemm": brgemm_gemm,
+                                       "wgrad_rows": _has_avx512()}
 
 
 def test_stale_build_lock_is_removed(tmp_path):
@@ -800,14 +851,18 @@ def test_skinny_gemms(case, layout, knobs, threads):
     assert_close(db, br.grad, torch.float32, y[0, 0].numel() * N)
 
 
+@pytest.mark.parametrize("rows", [0, 1])
 @pytest.mark.parametrize("c_in,c_out,expect", [(16, 16, 3), (8, 4, 3), (4, 16, 3), (21, 21, 3),
                                                (64, 3, 2), (32, 1, 2)])
-def test_grad_weight_rule_few_channels(c_in, c_out, expect):
+def test_grad_weight_rule_few_channels(c_in, c_out, expect, rows):
     """grad_weight's rule for ungrouped 2-D layers of few channels: brgemm from 4 input and 4
-    output channels (FCN's 21 classes, small decoders), GEMM first for 1-3 output channels (RGB
-    and grey heads); either way the sums are PyTorch's."""
+    output channels (FCN's 21 classes, small decoders), or the register tiles where AVX-512 runs
+    them (rows=1), GEMM first for 1-3 output channels (RGB and grey heads); either way the sums
+    are PyTorch's."""
     if not cpp_engine.gemm_paths()["brgemm"]:
         pytest.skip("the rule picks among brgemm paths; this PyTorch exports no brgemm")
+    _rows_or_skip(rows)
+    expect = 5 if rows and expect == 3 else expect
     x = torch.randn(2, c_in, 9, 7)
     w = torch.randn(c_in, c_out, 4, 4)
     geom = geometry_of(x.shape[2:], (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
@@ -815,19 +870,22 @@ def test_grad_weight_rule_few_channels(c_in, c_out, expect):
     y = torch.nn.functional.conv_transpose2d(xr, wr, None, 2, 1)
     g = torch.randn_like(y)
     y.backward(g)
-    dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
+    with cpp_engine.tuning(wgrad_rows=rows):
+        dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
     assert cpp_engine.last_method["wgrad"] == expect
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
 @pytest.mark.parametrize("n,c_in,c_out,size", [(6, 128, 64, 6), (1, 128, 64, 9), (3, 48, 40, 5),
                                              (2, 256, 130, 4)], ids=str)
-def test_grad_weight_brgemm_independent_of_threads(n, c_in, c_out, size, threads):
-    """grad_weight's brgemm splits the batch into ranges fixed by the shape, and only then cuts
-    smaller tiles where threads would be idle (a batch of one): bitwise the same sums on 1, 2, 3
-    and 8 threads, and PyTorch's."""
+@pytest.mark.parametrize("method", [3, 5])
+def test_grad_weight_tiles_independent_of_threads(n, c_in, c_out, size, method, threads):
+    """grad_weight's brgemm (3) and register tiles (5) split the batch into ranges fixed by the
+    shape, and only then cut smaller tiles where threads would be idle (a batch of one): bitwise
+    the same sums on 1, 2, 3 and 8 threads, and PyTorch's."""
     if not cpp_engine.gemm_paths()["brgemm"]:
         pytest.skip("this PyTorch exports no brgemm")
+    _rows_or_skip(method == 5)
     x, w, _ = make_case(2, n, c_in, c_out, 1, (size, size), (4, 4), (2, 2), (1, 1), (0, 0),
                         (1, 1), False, torch.float32, seed=7)
     geom = geometry_of(x.shape[2:], (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
@@ -838,19 +896,23 @@ def test_grad_weight_brgemm_independent_of_threads(n, c_in, c_out, size, threads
     outs = []
     for t in (1, 2, 3, 8):
         threads(t)
-        outs.append(_forced("wgrad", 3, lambda: cpp_engine.grad_weight(
-            x, g.float(), w.shape, geom, torch.float32, method=3)))
+        outs.append(_forced("wgrad", method, lambda: cpp_engine.grad_weight(
+            x, g.float(), w.shape, geom, torch.float32, method=method)))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     assert_close(outs[0], wr.grad, torch.float32, n * size * size * 4)
 
 
+@pytest.mark.parametrize("rows", [0, 1])
 @pytest.mark.parametrize("cin_g,groups,expect", [(1, 16, 4), (8, 4, 4), (4, 8, 4), (16, 2, 3)])
-def test_grad_weight_rule_grouped(cin_g, groups, expect):
+def test_grad_weight_rule_grouped(cin_g, groups, expect, rows):
     """grad_weight's rule for grouped layers: the direct dot products up to 8 input channels a
-    group (depthwise included), brgemm from 16; either way the sums are PyTorch's."""
+    group (depthwise included), brgemm from 16, or there the register tiles where AVX-512 runs
+    them (rows=1); either way the sums are PyTorch's."""
     if expect == 3 and not cpp_engine.gemm_paths()["brgemm"]:
         pytest.skip("this PyTorch build has no brgemm")
+    _rows_or_skip(rows)
+    expect = 5 if rows and expect == 3 else expect
     c_in = cin_g * groups
     x = torch.randn(2, c_in, 9, 7)
     w = torch.randn(c_in, 8, 4, 4)
@@ -859,7 +921,8 @@ def test_grad_weight_rule_grouped(cin_g, groups, expect):
     y = torch.nn.functional.conv_transpose2d(xr, wr, None, 2, 1, groups=groups)
     g = torch.randn_like(y)
     y.backward(g)
-    dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
+    with cpp_engine.tuning(wgrad_rows=rows):
+        dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
     assert cpp_engine.last_method["wgrad"] == expect
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 

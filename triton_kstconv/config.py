@@ -21,7 +21,7 @@ class Knobs:
                                     # backward wherever it can run, unset: the engine's rules
     method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7)
     dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-7)
-    wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-4)
+    wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-5)
     blas: str = "auto"              # KSTCONV_BLAS: aten (every GEMM through at::mm), mkl or
                                     # brgemm (float32 GEMMs), unset: the engine chooses
     cxxflags: tuple = ()            # KSTCONV_CXXFLAGS: extra flags for the C++ build

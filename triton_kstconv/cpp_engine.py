@@ -107,7 +107,8 @@ def load(verbose: bool = False):
 
 def gemm_paths() -> dict:
     """Which GEMMs the engine found in libtorch_cpu: MKL's sgemm (else at::mm), its packed
-    operands, ATen's brgemm (else the strategies that need it do not run)."""
+    operands, ATen's brgemm (else the strategies that need it do not run); and whether this
+    CPU runs grad_weight's AVX-512 register tiles (wgrad_rows)."""
     return dict(load().gemm_paths())
 
 
@@ -119,7 +120,8 @@ def tuning(**values):
     the direct strategy writes with non-temporal stores; row_kernel (1 or 0), whether the direct
     forward takes its row kernel where it applies; whole_rows (1 or 0), whether implicit GEMM's
     tiles may span rows shorter than a tile; wgrad_shifted (1 or 0), whether grad_weight's
-    brgemm strategy takes shifted input copies on narrow images; brgemm_rules (-1, 0 or 1),
+    brgemm strategy takes shifted input copies on narrow images; wgrad_rows (1 or 0), whether
+    the rules may give grad_weight to its AVX-512 register tiles; brgemm_rules (-1, 0 or 1),
     the chooser's rules for a CPU whose GEMMs go over brgemm: where they do, never, always."""
     mod = load()
     saved = dict(mod.get_tuning())

@@ -35,6 +35,7 @@ std::map<std::string, bool> gemm_paths() {
   const Blas& b = blas();
   return {{"mkl_gemm", b.sgemm != nullptr}, {"mkl_packed_gemm", b.spack != nullptr},
           {"brgemm", b.brgemm != nullptr}, {"skinny", skinny_gemm_available()},
+          {"wgrad_rows", grad_weight_rows_runs()},
           {"brgemm_gemm", b.brgemm_gemm}};
 }
 
@@ -67,10 +68,13 @@ void gemm_brgemm_call(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, b
 void set_tuning(const std::map<std::string, i64>& values) {
   Tuning& t = tuning();
   for (const auto& [key, v] : values) {
-    if (key == "row_kernel" || key == "whole_rows" || key == "wgrad_shifted") {  // switches
+    if (key == "row_kernel" || key == "whole_rows" || key == "wgrad_shifted" ||
+        key == "wgrad_rows") {  // switches
       TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value ", key, "=", v, " must be 0 or 1");
-      (key == "row_kernel" ? t.row_kernel : key == "whole_rows" ? t.whole_rows
-                                                                 : t.wgrad_shifted) = v;
+      (key == "row_kernel"      ? t.row_kernel
+       : key == "whole_rows"    ? t.whole_rows
+       : key == "wgrad_shifted" ? t.wgrad_shifted
+                                : t.wgrad_rows) = v;
       continue;
     }
     if (key == "brgemm_rules") {
@@ -98,7 +102,7 @@ std::map<std::string, i64> get_tuning() {
           {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
           {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel},
           {"whole_rows", t.whole_rows}, {"wgrad_shifted", t.wgrad_shifted},
-          {"brgemm_rules", t.brgemm_rules}};
+          {"wgrad_rows", t.wgrad_rows}, {"brgemm_rules", t.brgemm_rules}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
@@ -219,6 +223,7 @@ i64 grad_weight(const at::Tensor& x, const at::Tensor& dy, at::Tensor dw,
   const Plan P(plan, kMergeTau);
   const WgradMethod m = grad_weight_method(P, x, dy, dw, groups, int(forced));
   if (m == kWgradBrgemm) grad_weight_brgemm(x, dy, dw, Plan(plan, 0.0, false), groups);
+  else if (m == kWgradRows) grad_weight_rows(x, dy, dw, Plan(plan, 0.0, false), groups);
   else if (m == kWgradDirect) grad_weight_direct(x, dy, dw, Plan(plan, 0.0), groups);
   else if (m == kWgradGemmFirst)  // one class per axis: all taps, zero-filled
     grad_weight_gemm_first(x, dy, dw, Plan(gi_plan, 1e30, false), groups);

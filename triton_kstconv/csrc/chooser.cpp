@@ -246,13 +246,16 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
                                const at::Tensor& dw, i64 groups, int forced) {
   const bool brg = x.scalar_type() == at::kFloat && blas().brgemm;
   if (forced != kAutoWgrad) {
-    TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradDirect, "kstconv: no grad_weight "
-                "method ", forced, " (1-4)");
+    TORCH_CHECK(forced >= kWgradPatch && forced <= kWgradRows, "kstconv: no grad_weight "
+                "method ", forced, " (1-5)");
     TORCH_CHECK(forced != kWgradDirect || x.size(1) <= kDirectMaxChannels * groups,
                 "kstconv: grad_weight method 4 (direct) cannot run here: it needs at most ",
                 kDirectMaxChannels, " input channels per group");
     TORCH_CHECK(forced != kWgradBrgemm || brg, "kstconv: grad_weight method 3 (brgemm) cannot "
                 "run here: it needs float32 and ATen's brgemm");
+    TORCH_CHECK(forced != kWgradRows || (x.scalar_type() == at::kFloat && grad_weight_rows_runs()),
+                "kstconv: grad_weight method 5 (register tiles) cannot run here: it needs float32 "
+                "and a CPU with AVX-512");
     return WgradMethod(forced);
   }
   // 1: phase patch matrix x BLAS; 2: input x patch matrix of grad_out (weight's own order);
@@ -266,6 +269,19 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   const i64 in_img = P.ax[0].L_src * P.ax[1].L_src * P.ax[2].L_src;
   const bool one_d = P.ax[0].L_src == 1 && P.ax[1].L_src == 1;
   if (direct_grad_weight_chosen(Cin_g, Cout_g, groups)) return kWgradDirect;
+  // AVX-512: register tiles over grad_out in place wherever brgemm would run and past it (k == s
+  // on large images, 1-D rows), from 4 input and 4 output channels a group; weight-heavy layers
+  // and 1-3 output channels stay with GEMM first. Measured side by side (grad_weight, ms, register
+  // tiles / brgemm / the rule before / oneDNN, 2-core Zen 4): DCGAN 256-128@8 batch 64 20.7 /
+  // 24.5 / - / 21.0, 128-64@16 21.7 / 26.1 / - / 21.9, 512-256@4 20.8 / 25.5 / - / 24.0; U-Net
+  // 128-64@128 k2s2 9.2 / 11.9 / 12.0 / 10.8; 3D U-Net 128-64@32 64 / 142 / 100 / 144, 64-32@64
+  // 161 / 428 / 235 / 451; HiFi-GAN 128-64@2048 k4s2 12.9 / 26.4 / - / 14.9, 256-128 k16s8 23.6
+  // / 28.4 / - / 26.0; grouped 128-256 g8 8.6 / 27.4 / 27.4 / 24.9; FCN 21-21 k16s8 0.71 / 1.40
+  // / - / 2.05. GEMM first stayed ahead on DCGAN 64-3 (4.0 vs 5.4) and the weight-heavy layers
+  // (pix2pix 1024-512@4 17.6 vs 31.9, DCGAN 100-512@1 0.83 vs 1.6).
+  if (tuning().wgrad_rows == 1 && x.scalar_type() == at::kFloat && grad_weight_rows_runs() &&
+      Cin_g >= 4 && Cout_g >= 4 && !heavy && in_img > 4)
+    return kWgradRows;
   // grouped layers of 16-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
   // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16
   if (brg && groups > 1 && Cin_g >= 8 && Cout_g >= 8) return kWgradBrgemm;

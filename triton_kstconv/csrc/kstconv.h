@@ -28,6 +28,7 @@
 //   grad_input_stream.cpp method 6: grad_input streaming the weight once
 //   grad_weight.cpp       grad_weight methods 1 and 2
 //   grad_weight_brgemm.cpp  grad_weight method 3
+//   grad_weight_rows.cpp  grad_weight method 5: AVX-512 register tiles, grad_out in place
 //   direct.cpp            method 7 and grad_weight method 4: grouped layers of few channels,
 //                         no GEMM
 //   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
@@ -77,6 +78,7 @@ enum WgradMethod : int {
   kWgradGemmFirst = 2, // x x patch matrix of grad_out, in the weight's own order
   kWgradBrgemm = 3,    // brgemm, no patch matrix, de-interleaved grad_out planes
   kWgradDirect = 4,    // C_in/g <= 16: per (group, c_out) dot products, no GEMM
+  kWgradRows = 5,      // AVX-512 register tiles over grad_out rows read in place, float32
 };
 
 // -------------------------------------------------------------------- tuning constants
@@ -97,6 +99,8 @@ struct Tuning {
                                     // keeps every tile in one row (tests run both)
   i64 wgrad_shifted = 1;            // grad_weight brgemm: 1 takes shifted input copies where
                                     // padded rows would waste, 0 never (tests run both)
+  i64 wgrad_rows = 1;               // grad_weight: 1 lets the rules take the AVX-512 register
+                                    // tiles where they run, 0 never (tests pin the other rules)
   i64 brgemm_rules = -1;            // the rules for a CPU whose GEMMs go over brgemm (chooser):
                                     // -1 where they do (blas().brgemm_gemm), 1 always, 0 never
 };

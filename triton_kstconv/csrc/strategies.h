@@ -46,6 +46,10 @@ void grad_weight_gemm_first(const at::Tensor& x, const at::Tensor& dy, at::Tenso
                             const Plan& GI, i64 groups);
 void grad_weight_brgemm(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
+// float32 on a CPU with AVX-512 (grad_weight_rows_runs); P: the forward plan, every tap
+bool grad_weight_rows_runs();
+void grad_weight_rows(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
+                      i64 groups);
 // C_in/g <= kDirectMaxChannels; P: the forward plan with exact classes
 void grad_weight_direct(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw, const Plan& P,
                         i64 groups);
