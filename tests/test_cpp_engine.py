@@ -876,6 +876,24 @@ def test_grad_weight_rule_few_channels(c_in, c_out, expect, rows):
     assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
 
 
+@pytest.mark.parametrize("c_in,rows_taken", [(64, True), (65, False), (71, False), (72, True),
+                                              (97, False), (100, True), (130, True), (21, True)])
+def test_grad_weight_rule_rows_lanes(c_in, rows_taken):
+    """The register tiles hold 16 input channels a vector: from 64 channels, where more than an
+    eighth of the lanes would be padding, the rule leaves the layer to the other strategies."""
+    _rows_or_skip(True)
+    x = torch.randn(2, c_in, 8, 8)   # as many input elements as weights: not weight-heavy
+    w = torch.randn(c_in, 8, 4, 4)
+    geom = geometry_of(x.shape[2:], (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    xr, wr = x.double(), w.double().requires_grad_()
+    y = torch.nn.functional.conv_transpose2d(xr, wr, None, 2, 1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dw = cpp_engine.grad_weight(x, g.float(), w.shape, geom, torch.float32)
+    assert (cpp_engine.last_method["wgrad"] == 5) == rows_taken, cpp_engine.last_method
+    assert_close(dw, wr.grad, torch.float32, 2 * y[0, 0].numel())
+
+
 @pytest.mark.parametrize("n,c_in,c_out,size", [(6, 128, 64, 6), (1, 128, 64, 9), (3, 48, 40, 5),
                                              (2, 256, 130, 4)], ids=str)
 @pytest.mark.parametrize("method", [3, 5])

@@ -278,9 +278,13 @@ WgradMethod grad_weight_method(const Plan& P, const at::Tensor& x, const at::Ten
   // 161 / 428 / 235 / 451; HiFi-GAN 128-64@2048 k4s2 12.9 / 26.4 / - / 14.9, 256-128 k16s8 23.6
   // / 28.4 / - / 26.0; grouped 128-256 g8 8.6 / 27.4 / 27.4 / 24.9; FCN 21-21 k16s8 0.71 / 1.40
   // / - / 2.05. GEMM first stayed ahead on DCGAN 64-3 (4.0 vs 5.4) and the weight-heavy layers
-  // (pix2pix 1024-512@4 17.6 vs 31.9, DCGAN 100-512@1 0.83 vs 1.6).
+  // (pix2pix 1024-512@4 17.6 vs 31.9, DCGAN 100-512@1 0.83 vs 1.6). Its vectors hold 16 input
+  // channels: from 64 channels a group, where more than an eighth of the lanes would be padding
+  // (65-71, 97-99), the other rules serve (65-64@32 batch 8: 10.3 vs 8.4); below 64 the
+  // alternatives did worse still (FCN's 21, 12-12 k3s2: 0.73 vs 0.94).
+  const bool lanes_ok = Cin_g < 64 || 8 * ceil_div(Cin_g, 16) * 16 <= 9 * Cin_g;
   if (tuning().wgrad_rows == 1 && x.scalar_type() == at::kFloat && grad_weight_rows_runs() &&
-      Cin_g >= 4 && Cout_g >= 4 && !heavy && in_img > 4)
+      Cin_g >= 4 && Cout_g >= 4 && !heavy && in_img > 4 && lanes_ok)
     return kWgradRows;
   // grouped layers of 16-32 channels a group: brgemm's small tiles beat the GEMMs of a patch
   // matrix (16 channels a group: 12.6 vs 24.9; 32: tied) and tie with the direct path at 16

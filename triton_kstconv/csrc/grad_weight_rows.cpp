@@ -225,7 +225,7 @@ void grad_weight_rows(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
                                    : std::max<i64>(1, S.Qw);
   const Tiling T(N, groups, Cout_g, Cin_g, at::get_num_threads());
   const i64 KKt = S.kk[0] * S.kk[1] * S.kk[2], ci_stride = Cout_g * KKt;
-  const i64 tile_elems = KKt * T.MB * kNB;
+  const i64 tile_elems = KKt * T.MB * std::min(Cin_g, kNB);
   // partial sums of the batch ranges; with one range every tile writes dW directly
   std::vector<float> part(T.nsplit > 1 ? T.tiles * T.nsplit * tile_elems : 0);
   // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]
