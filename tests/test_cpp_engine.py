@@ -418,6 +418,21 @@ def test_joint_backward_rule_and_threads(knobs, threads):
             assert_close(got[0], refs[0], torch.float32, 16 * 4)
 
 
+@pytest.mark.parametrize("l2_kib,runs", [(512, False), (1024, True)])
+def test_joint_backward_rule_tile_in_l2(knobs, threads, l2_kib, runs):
+    """The joint pass keeps one (kd, kh) tile of grad_weight in L2 (a quarter of it, at least
+    128 KiB): a 256 KiB tile (128 x 4 x 128 floats) takes it with 1 MiB of L2, not with 512."""
+    c = _c("joint_l2", 2, 2, 128, 128, (6, 10), 4, 2, 1)
+    xf, wf, gf, refs, _ = _joint_case(c, 2, c.size, False)
+    threads(2)
+    knobs(joint=-1)
+    with cpp_engine.tuning(l2_bytes=l2_kib << 10):
+        got = cpp_engine.joint_backward(gf, xf, wf, _geom(c), True, True, True)
+    assert (got is not None) == runs
+    if got is not None:
+        assert_close(got[1], refs[1], torch.float32, 2 * 12 * 20)
+
+
 def test_joint_backward_off_and_refusals(knobs):
     c = BY_NAME["dcgan_k4s2p1"]
     xf, wf, gf, _, _ = _joint_case(c, 2, c.size, False)

@@ -317,14 +317,17 @@ bool joint_backward_fits(const JointGeo& G, const at::Tensor& x, const at::Tenso
   // it runs on at most kJointSplits threads (strategies.h)
   if (at::get_num_threads() > kJointSplits) return false;
   // The grad_weight tile of one (kd, kh), [c_in, kw x c_out], is re-read and re-written by every
-  // input row: it has to stay in L2 (beyond ~128 KiB the separate passes won on the suite, see
-  // README "CPU engine"); rows of fewer than 8 pixels make too short a reduction.
+  // input row: it has to stay in L2, up to a quarter of it (beyond ~128 KiB the separate passes
+  // won on the suite with 512 KiB of L2, see README "CPU engine"; with 1 MiB, Zen 4, backward
+  // side by side at 256 KiB, joint / separate, ms: 3D U-Net 256-128@16 48.4 / 57.4, U-Net
+  // 256-128@64 12.2 / 12.7, pix2pix 256-64@64 22.2 / 21.9); rows of fewer than 8 pixels make
+  // too short a reduction.
   const i64 tile = Cin_g * G.k[2] * Cout_g * 4;
   // grouped layers that grad_weight's direct path serves do better with the separate passes
   // (g32 256-256@32, 8 channels a group: 20.6 vs 39.8 ms joint; 16-32 a group: tied)
   if (groups > 1 && direct_grad_weight_chosen(Cin_g, Cout_g, groups)) return false;
   return G.L[2] >= 8 && Cin_g >= 8 && Cout_g >= 8 && cache <= (i64(512) << 10) &&
-         tile <= (i64(128) << 10);
+         tile <= std::max<i64>(i64(128) << 10, tuning().l2_bytes / 4);
 }
 
 bool joint_backward_chosen(const JointGeo& G, const at::Tensor& x, const at::Tensor& dy,
