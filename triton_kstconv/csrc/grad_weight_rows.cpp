@@ -18,6 +18,7 @@
 
 #include "layout.h"
 #include "strategies.h"
+#include "wgrad_tiles.h"
 
 namespace kst {
 
@@ -224,53 +225,19 @@ void grad_weight_rows(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dw,
   S.cols = row_bytes > kChunkBytes ? std::max<i64>(16, kChunkBytes / (std::min(Cin_g, kNB) * 4))
                                    : std::max<i64>(1, S.Qw);
   const Tiling T(N, groups, Cout_g, Cin_g, at::get_num_threads());
-  const i64 KKt = S.kk[0] * S.kk[1] * S.kk[2], ci_stride = Cout_g * KKt;
-  const i64 tile_elems = KKt * T.MB * std::min(Cin_g, kNB);
-  // partial sums of the batch ranges; with one range every tile writes dW directly
-  std::vector<float> part(T.nsplit > 1 ? T.tiles * T.nsplit * tile_elems : 0);
-  // acc[j][co][ci] -> dW[g*Cin_g + ci0 + ci, co0 + co, j]
-  auto write_tile = [&](i64 t, const float* acc) {
-    i64 g, co0, mco, ci0, nci;
-    T.tile(t, Cout_g, Cin_g, g, co0, mco, ci0, nci);
-    for (i64 ci = 0; ci < nci; ++ci)
-      for (i64 co = 0; co < mco; ++co) {
-        float* w = out + (g * Cin_g + ci0 + ci) * ci_stride + (co0 + co) * KKt;
-        const float* a = acc + co * nci + ci;
-        for (i64 j = 0; j < KKt; ++j) w[j] = a[j * mco * nci];
-      }
-  };
-  at::parallel_for(0, T.tiles * T.nsplit, 1, [&](i64 b0, i64 b1) {
-    std::vector<float> own;  // [kernel tap][c_out][c_in] of the item
+  const i64 KKt = S.kk[0] * S.kk[1] * S.kk[2];
+  struct Segments {  // a thread's segment lists, reused across its items
     std::vector<std::vector<Seg>> segs;
     std::vector<i64> js;
-    for (i64 it = b0; it < b1; ++it) {
-      const i64 t = it / T.nsplit, sp = it % T.nsplit;
-      i64 g, co0, mco, ci0, nci;
-      T.tile(t, Cout_g, Cin_g, g, co0, mco, ci0, nci);
-      float* acc;
-      if (T.nsplit > 1) {
-        acc = part.data() + it * tile_elems;
-      } else {
-        own.resize(tile_elems);
-        acc = own.data();
-      }
-      std::fill(acc, acc + KKt * mco * nci, 0.f);
-      reduce_tile(S, acc, g, co0, mco, ci0, nci, N * sp / T.nsplit, N * (sp + 1) / T.nsplit,
-                  segs, js);
-      if (T.nsplit == 1) write_tile(t, acc);
-    }
-  });
-  if (T.nsplit > 1)
-    at::parallel_for(0, T.tiles, 1, [&](i64 t0, i64 t1) {
-      for (i64 t = t0; t < t1; ++t) {
-        float* sum = part.data() + t * T.nsplit * tile_elems;
-        for (i64 sp = 1; sp < T.nsplit; ++sp) {  // fixed order: range 0, 1, 2, ...
-          const float* a = sum + sp * tile_elems;
-          for (i64 e = 0; e < tile_elems; ++e) sum[e] += a[e];
-        }
-        write_tile(t, sum);
-      }
-    });
+  };
+  run_wgrad_tiles<Segments>(
+      out, N, Cin_g, Cout_g, KKt, T.tiles, T.nsplit, KKt * T.MB * std::min(Cin_g, kNB),
+      [&](i64 t, i64& g, i64& co0, i64& mco, i64& ci0, i64& nci) {
+        T.tile(t, Cout_g, Cin_g, g, co0, mco, ci0, nci);
+      },
+      [&](Segments& st, float* acc, i64 g, i64 co0, i64 mco, i64 ci0, i64 nci, i64 n0, i64 n1) {
+        reduce_tile(S, acc, g, co0, mco, ci0, nci, n0, n1, st.segs, st.js);
+      });
 }
 
 }  // namespace kst

@@ -29,6 +29,7 @@
 //   grad_weight.cpp       grad_weight methods 1 and 2
 //   grad_weight_brgemm.cpp  grad_weight method 3
 //   grad_weight_rows.cpp  grad_weight method 5: AVX-512 register tiles, grad_out in place
+//   wgrad_tiles.h         the work items and fixed-order partial sums of methods 3 and 5
 //   direct.cpp            method 7 and grad_weight method 4: grouped layers of few channels,
 //                         no GEMM
 //   joint_backward.cpp    grad_input, grad_weight and grad_bias in one pass over grad_out
