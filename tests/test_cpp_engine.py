@@ -15,13 +15,19 @@ from conftest import assert_close, make_case, reduction_length, reference
 NAMES = ["dcgan_k4s2p1", "unet_k2s2", "autoenc_k3s2p1op1", "k2_s3_empty_phase",
          "k3s2_dil2_gcd_empty", "big_padding", "groups3_k4s2", "depthwise", "wide_channels",
          "stride1_1x1_input", "1x1_input_groups2_k3s2", "1d_hifigan_k16s8p4", "3d_anisotropic", "3d_groups"]
-# forward: 1-5, 7; grad_input: 1, 3-7; grad_weight: 1-4. 3-5 need float32 (brgemm); 7 (direct)
-# grouped layers in the forward (any layer in grad_input), grad_weight 4 (direct) at most 16
-# input channels a group.
+# forward: 1-5, 7, 8; grad_input: 1, 3-7; grad_weight: 1-5. 3-5 and 8 need float32 (brgemm); 7
+# (direct) grouped layers in the forward (any layer in grad_input), 8 (Winograd) 2-d layers of
+# kernel 2 x stride; grad_weight 4 (direct) at most 16 input channels a group.
 FWD = [(1, torch.float64), (2, torch.float64), (1, torch.float32), (2, torch.float32),
        (3, torch.float32), (4, torch.float32), (5, torch.float32), (7, torch.float64),
-       (7, torch.float32)]
+       (7, torch.float32), (8, torch.float32)]
 NAMES += ["depthwise_mult2", "1d_depthwise"] + [c.name for c in GROUPED_BLOCKS]
+
+
+def _winograd_fits(nd, kernel, stride, dilation):
+    """Whether forward method 8 serves a layer (inputs that meet every tap): 2-d, every phase
+    2 x 2 taps at neighbouring offsets."""
+    return nd == 2 and all(k == 2 * s and d == 1 for k, s, d in zip(kernel, stride, dilation))
 
 
 def _geom(c):
@@ -63,7 +69,8 @@ def test_forward_methods(name, method, dtype, items):
     act = parse_activation("silu")
     out_pre = _forced("fwd", method,
                       lambda: cpp_engine.forward(x, w, b, geom, act, True, method=method),
-                      refused=method == 7 and c.groups == 1)
+                      refused=(method == 7 and c.groups == 1) or
+                      (method == 8 and not _winograd_fits(c.nd, c.kernel, c.stride, c.dilation)))
     if out_pre is None:
         return
     out, pre = out_pre
@@ -77,7 +84,7 @@ EPILOGUE_ACTS = ["relu", "relu6", ("leaky_relu", 0.2), "tanh", "sigmoid", "gelu"
                  "silu"]
 
 
-@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=str)
 @pytest.mark.parametrize("keep_pre", [False, True], ids=["no_pre", "pre"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -115,6 +122,93 @@ def test_epilogue_activations(method, act, keep_pre, channels_last):
         assert_close(pre[:, keep], ref_pre[:, keep], torch.float32, k)
     else:
         assert pre is None
+
+
+WINOGRAD_SHAPES = [
+    # (batch, c_in, c_out, groups, size, kernel, stride, padding, output_padding)
+    (2, 6, 5, 1, (4, 4), 4, 2, 1, 0),        # DCGAN's k4s2p1
+    (3, 5, 7, 1, (5, 7), 4, 2, 1, 1),        # odd sizes, output padding: phases of unequal length
+    (2, 4, 3, 1, (6, 5), 4, 2, 0, 0),        # no padding: the border taps read zero rows
+    (1, 3, 4, 1, (4, 6), 4, 2, 2, 1),        # padding past one tap
+    (2, 4, 4, 1, (5, 4), 6, 3, 1, 2),        # k6s3: three phases a side
+    (2, 3, 2, 1, (4, 5), (8, 4), (4, 2), (3, 1), (1, 0)),  # anisotropic k8s4 x k4s2
+    (2, 8, 6, 2, (5, 5), 4, 2, 1, 0),        # groups
+    (1, 70, 33, 1, (3, 4), 4, 2, 1, 0),      # channels past a vector
+    (2, 2, 3, 1, (2, 2), 4, 2, 1, 0),        # 2 x 2 input: each phase's second tap
+]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_forward_winograd(shape, layout, bias, items):
+    """Forward method 8 (Winograd F(2x2, 2x2) per phase) against PyTorch: phases of unequal
+    length (odd sizes, output padding), any padding, kernels 2 x stride beyond k4s2, groups,
+    channel counts past a vector, every source layout; outputs poisoned, items tiny or not."""
+    n, ci, co, g, size, k, s, p, op = shape
+    k, s, p, op = ((v, v) if isinstance(v, int) else v for v in (k, s, p, op))
+    x, w, b = make_case(2, n, ci, co, g, size, k, s, p, op, (1, 1), bias, torch.float32)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], 3)[..., ::2]   # pixel stride 2, row stride 2 x W
+    geom = geometry_of(x.shape[2:], k, s, p, op, g, (1, 1))
+    out, pre = _forced("fwd", 8, lambda: cpp_engine.forward(
+        x, w, b, geom, parse_activation(("leaky_relu", 0.1)), True, method=8))
+    ref_pre = reference(x, w, b, 2, stride=s, padding=p, output_padding=op, groups=g)
+    kk = reduction_length(ci, g, k, s)
+    assert_close(pre, ref_pre, torch.float32, kk)
+    assert_close(out, torch.nn.functional.leaky_relu(ref_pre, 0.1), torch.float32, kk)
+
+
+def test_forward_winograd_refusals():
+    """Method 8 forced where it cannot run is refused with the reason: float64, a kernel
+    other than 2 x stride, a 1-d layer, grad_input."""
+    act = parse_activation(None)
+    x, w, b = make_case(2, 2, 4, 3, 1, (4, 4), (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), True,
+                        torch.float64)
+    geom = geometry_of((4, 4), (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    with pytest.raises(RuntimeError, match="method 8 .* cannot run this forward: it needs float32"):
+        cpp_engine.forward(x, w, b, geom, act, False, method=8)
+    x3, w3, b3 = make_case(2, 2, 4, 3, 1, (4, 4), (3, 3), (2, 2), (1, 1), (0, 0), (1, 1), True,
+                           torch.float32)
+    g3 = geometry_of((4, 4), (3, 3), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    with pytest.raises(RuntimeError, match="method 8 .* needs a 2-d layer whose every phase"):
+        cpp_engine.forward(x3, w3, b3, g3, act, False, method=8)
+    x1, w1, b1 = make_case(1, 2, 4, 3, 1, (8,), (4,), (2,), (1,), (0,), (1,), True, torch.float32)
+    g1 = geometry_of((8,), (4,), (2,), (1,), (0,), 1, (1,))
+    with pytest.raises(RuntimeError, match="method 8 .* needs a 2-d layer"):
+        cpp_engine.forward(x1, w1, b1, g1, act, False, method=8)
+    with pytest.raises(RuntimeError, match="method 8 .* cannot run this grad_input: it serves the forward only"):
+        cpp_engine.grad_input(torch.randn(2, 3, 8, 8), w.float(), geom, method=8)
+
+
+@pytest.mark.parametrize("per_call", [False, True], ids=["cached", "per_call"])
+def test_forward_rule_winograd(per_call):
+    """The rules take Winograd for float32 k4s2 layers from 64 input and 32 output channels and
+    64 tiles a phase (batch 4 at 8 x 8: 4 x 16), not below any of those, nor in float64, nor
+    with the switch off."""
+    if not cpp_engine.gemm_paths()["brgemm"]:
+        pytest.skip("method 8 needs ATen's brgemm, which this PyTorch does not export")
+    act = parse_activation("relu")
+
+    def run(n, ci, co, size, dtype=torch.float32):
+        x, w, b = make_case(2, n, ci, co, 1, size, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), True,
+                            dtype)
+        geom = geometry_of(size, (4, 4), (2, 2), (1, 1), (0, 0), 1, (1, 1))
+        out, _ = cpp_engine.forward(x, w, b, geom, act, False, state={} if per_call else None)
+        ref = torch.relu(reference(x, w, b, 2, stride=(2, 2), padding=(1, 1)))
+        assert_close(out, ref, dtype, reduction_length(ci, 1, (4, 4), (2, 2)))
+        return cpp_engine.last_method["fwd"]
+
+    assert run(4, 64, 32, (8, 8)) == 8
+    assert run(1, 64, 32, (16, 16)) == 8
+    assert run(3, 64, 32, (8, 8)) != 8      # 48 tiles a phase
+    assert run(4, 32, 32, (8, 8)) != 8      # 32 input channels
+    assert run(4, 64, 16, (8, 8)) != 8      # 16 output channels
+    assert run(4, 64, 32, (8, 8), torch.float64) != 8
+    with cpp_engine.tuning(winograd=0):
+        assert run(4, 64, 32, (8, 8)) != 8
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -574,7 +668,7 @@ def test_forward_rule_weight_panel_past_l2():
     act = parse_activation(None)
     # panel: 2 taps along w x 64 x 32 channels x 4 bytes = 16 KiB
     for l2, method in ((1 << 20, 3), (8 << 10, 1)):
-        with cpp_engine.tuning(l2_bytes=l2):
+        with cpp_engine.tuning(l2_bytes=l2, winograd=0):
             out, _ = cpp_engine.forward(x, w, None, geom, act, False)
         assert cpp_engine.last_method["fwd"] == method, (l2, cpp_engine.last_method)
         assert_close(out, ref, torch.float32, reduction_length(64, 1, (4, 4), (2, 2)))
@@ -600,7 +694,8 @@ def test_forward_rule_weight_heavy(c_in, size, no_graph, graph):
     runs = cpp_engine.load().skinny_gemm_runs
     for wt, expect in ((w, no_graph), (w.clone().requires_grad_(), graph)):
         before = runs()
-        with torch.set_grad_enabled(wt.requires_grad), cpp_engine.tuning(brgemm_rules=0):
+        with torch.set_grad_enabled(wt.requires_grad), cpp_engine.tuning(brgemm_rules=0,
+                                                                         winograd=0):
             out = K.conv_transpose2d(x, wt, stride=2, padding=1, backend="cpp")
         assert cpp_engine.last_method["fwd"] == expect, wt.requires_grad
         assert (runs() > before) == (expect == 2)
@@ -622,7 +717,7 @@ def test_forward_rule_brgemm(c_in, c_out, size, batch, graph):
     w = torch.randn(c_in, c_out, 4, 4, requires_grad=True)
     ref = torch.nn.functional.conv_transpose2d(x.double(), w.detach().double(), stride=2,
                                                padding=1)
-    with cpp_engine.tuning(brgemm_rules=1, l2_bytes=2 << 20):
+    with cpp_engine.tuning(brgemm_rules=1, l2_bytes=2 << 20, winograd=0):
         out = K.conv_transpose2d(x, w, stride=2, padding=1, backend="cpp")
     assert cpp_engine.last_method["fwd"] == graph
     assert_close(out.detach(), ref, torch.float32, reduction_length(c_in, 1, (4, 4), (2, 2)))

@@ -19,7 +19,7 @@ class Knobs:
     joint: int = -1                 # KSTCONV_JOINT: C++ backward, 0 separate passes, 1 the
                                     # row-cached joint pass wherever it can run, 2 the patch
                                     # backward wherever it can run, unset: the engine's rules
-    method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7)
+    method: int = 0                 # KSTCONV_METHOD: force a C++ forward strategy (1-5, 7, 8)
     dgrad_method: int = 0           # KSTCONV_DGRAD_METHOD: ... grad_input strategy (1, 3-7)
     wgrad_method: int = 0           # KSTCONV_WGRAD_METHOD: ... grad_weight strategy (1-5)
     blas: str = "auto"              # KSTCONV_BLAS: aten (every GEMM through at::mm), mkl or

@@ -121,7 +121,8 @@ def tuning(**values):
     forward takes its row kernel where it applies; whole_rows (1 or 0), whether implicit GEMM's
     tiles may span rows shorter than a tile; wgrad_shifted (1 or 0), whether grad_weight's
     brgemm strategy takes shifted input copies on narrow images; wgrad_rows (1 or 0), whether
-    the rules may give grad_weight to its AVX-512 register tiles; brgemm_rules (-1, 0 or 1),
+    the rules may give grad_weight to its AVX-512 register tiles; winograd (1 or 0), whether the
+    rules may give the forward to Winograd (method 8); brgemm_rules (-1, 0 or 1),
     the chooser's rules for a CPU whose GEMMs go over brgemm: where they do, never, always."""
     mod = load()
     saved = dict(mod.get_tuning())

@@ -69,12 +69,13 @@ void set_tuning(const std::map<std::string, i64>& values) {
   Tuning& t = tuning();
   for (const auto& [key, v] : values) {
     if (key == "row_kernel" || key == "whole_rows" || key == "wgrad_shifted" ||
-        key == "wgrad_rows") {  // switches
+        key == "wgrad_rows" || key == "winograd") {  // switches
       TORCH_CHECK(v == 0 || v == 1, "kstconv: tuning value ", key, "=", v, " must be 0 or 1");
       (key == "row_kernel"      ? t.row_kernel
        : key == "whole_rows"    ? t.whole_rows
        : key == "wgrad_shifted" ? t.wgrad_shifted
-                                : t.wgrad_rows) = v;
+       : key == "wgrad_rows"    ? t.wgrad_rows
+                                : t.winograd) = v;
       continue;
     }
     if (key == "brgemm_rules") {
@@ -102,7 +103,8 @@ std::map<std::string, i64> get_tuning() {
           {"brg_cols", t.brg_cols}, {"l2_bytes", t.l2_bytes},
           {"stream_bytes", t.stream_bytes}, {"row_kernel", t.row_kernel},
           {"whole_rows", t.whole_rows}, {"wgrad_shifted", t.wgrad_shifted},
-          {"wgrad_rows", t.wgrad_rows}, {"brgemm_rules", t.brgemm_rules}};
+          {"wgrad_rows", t.wgrad_rows}, {"winograd", t.winograd},
+          {"brgemm_rules", t.brgemm_rules}};
 }
 
 // The method conv() runs for these arguments: `forced` (0: the rules) if it can run, else an
@@ -127,6 +129,10 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& src, const at::Tensor& wei
   }
   const Plan P(plan, 0.0);  // the taps that meet a real input (merging does not change them)
   const i64 Csrc_g = src.size(1) / groups, Cdst_g = dst.size(1) / groups;
+  if (method == kWinograd) {
+    prep.packed = pack_winograd(weight, P, groups, Csrc_g, Cdst_g);
+    return prep.to_list();
+  }
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "kstconv_pack", [&] {
     prep.packed = pack_plain<scalar_t>(weight, P, groups, Csrc_g, Cdst_g, swap,
                                        method == kImplicitKM);
@@ -159,6 +165,9 @@ void run_conv(const at::Tensor& src, const at::Tensor& weight, const at::Tensor&
     case kGemmFirst:
       conv_gemm_first(src, w_dense, b, dst, pr, Plan(plan, kMergeTau), groups, act, slope);
       return;
+    case kWinograd:     // trimmed taps: 2 x 2 a phase (winograd_fits)
+      conv_winograd(src, weight, b, dst, pr, Plan(plan, 0.0), groups, act, slope, prep.packed);
+      return;
     case kDirect:       // exact classes: every tap read meets a real source position
       conv_direct(src, weight, b, dst, pr, Plan(plan, 0.0), groups, swap, act, slope);
       return;
@@ -189,7 +198,7 @@ void conv(const at::Tensor& src, const at::Tensor& weight, const c10::optional<a
           at::Tensor dst, c10::optional<at::Tensor> pre, const std::vector<i64>& plan, i64 groups,
           bool swap, i64 act, double slope, i64 method, const std::vector<at::Tensor>& prepared) {
   check_conv(src, weight, dst, groups);
-  TORCH_CHECK(method >= kPatchBlas && method <= kDirect &&
+  TORCH_CHECK(method >= kPatchBlas && method <= kWinograd &&
                   method == conv_method(Plan(plan, 0.0), src, dst, weight, groups, swap,
                                         int(method)),
               "kstconv: method ", method, " cannot run here (ask conv_method)");

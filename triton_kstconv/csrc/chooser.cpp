@@ -105,6 +105,19 @@ Method rule_conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& 
       return c.b < c.a ? kGemmFirst : kPatchBlas;
     }
     if (Cdst_g <= 8) return kGemmFirst;
+    // Winograd F(2x2, 2x2) (k = 2s, 2-d: DCGAN's and pix2pix's k4 s2) multiplies 9 products a
+    // 2 x 2 tile against 16: from 64 input and 32 output channels a group and 64 tiles a phase
+    // (so that its weight, 2.25 times the packed one, is read against enough pixels) it beat
+    // the rules' choice on every such layer of the suite. Forward side by side, Winograd / the
+    // rule's choice before / oneDNN, ms, weight packed once (packed per call): DCGAN 512-256@4
+    // batch 64 14.2 / 18.4 / 19.9 (15.6 / 19.1), batch 16 3.75 / 4.22 / 5.72; 256-128@8 batch
+    // 16 3.54 / 5.80 / 5.45 (3.97 / 6.01); pix2pix 1024-256@16 7.9 / 12.9 / 11.5 (9.9 / 13.7),
+    // 512-128@32 6.7 / 10.2 / 10.7, 256-64@64 7.6 / 10.6 / 10.8; 64-32@32 batch 16 6.4 / 7.5 /
+    // 7.8. It lost with 16 tiles a phase (pix2pix 1024-512@8 batch 1: 8.3 / 6.2; packed per
+    // call 13.6 / 7.7) and at 32 input channels (32-32@28: 13.5 / 12.9).
+    if (tuning().winograd == 1 && Csrc_g >= 64 && Cdst_g >= 32 && winograd_fits(P) &&
+        src.size(0) * winograd_tiles(P) >= 64)
+      return kWinograd;
     // Weight-heavy with at most 16 pixels in all and a weight far past the caches (pix2pix
     // 1024-512 at 2x2 and 4x4, batch 1, 32 MiB): GEMM first streams the weight once, in place
     // (gemm_short_m, which takes the source channels-last: from 8 channels a group it is made
@@ -203,6 +216,7 @@ const char* method_name(int m) {
     case kPatchBrgemm: return "5 (patch matrix x brgemm)";
     case kStreamWeight: return "6 (weight streaming)";
     case kDirect: return "7 (direct)";
+    case kWinograd: return "8 (Winograd F(2x2, 2x2))";
     default: return "unknown";
   }
 }
@@ -213,15 +227,19 @@ Method conv_method(const Plan& P, const at::Tensor& src, const at::Tensor& dst,
                    const at::Tensor& weight, i64 groups, bool swap, int forced, bool per_call) {
   if (forced == kAutoMethod) return rule_conv_method(P, src, dst, weight, groups, swap, per_call);
   const bool f32 = src.scalar_type() == at::kFloat, brg = blas().brgemm != nullptr;
-  TORCH_CHECK(forced >= kPatchBlas && forced <= kDirect, "kstconv: no method ", forced,
-              " (1-7)");
+  TORCH_CHECK(forced >= kPatchBlas && forced <= kWinograd, "kstconv: no method ", forced,
+              " (1-8)");
   const char* why = nullptr;
-  if ((forced == kImplicitMK || forced == kImplicitKM || forced == kPatchBrgemm) && !(f32 && brg))
+  if ((forced == kImplicitMK || forced == kImplicitKM || forced == kPatchBrgemm ||
+       forced == kWinograd) && !(f32 && brg))
     why = f32 ? "needs ATen's brgemm, which this PyTorch does not export" : "needs float32";
   else if (forced == kImplicitKM && !(src.stride(4) == 1 && P.ax[2].a == 1))
     why = "reads the source in place: needs unit pixel stride along w and a stride-1 gather";
-  else if (forced == kGemmFirst && swap)
+  else if ((forced == kGemmFirst || forced == kWinograd) && swap)
     why = "serves the forward only";
+  else if (forced == kWinograd && !winograd_fits(P))
+    why = "needs a 2-d layer whose every phase has 2 x 2 taps at neighbouring offsets (kernel = "
+          "2 x stride, dilation 1, an input that meets every tap) and AVX2";
   else if (forced == kStreamWeight && !swap)
     why = "serves grad_input only";
   else if (forced == kDirect && groups == 1 && !swap)

@@ -1,5 +1,5 @@
 // Every rule that picks a strategy of the C++ engine, in one place: forward and grad_input
-// (methods 1-7), grad_weight (1-5), and whether the joint backward takes a layer. The rules were
+// (methods 1-8), grad_weight (1-5), and whether the joint backward takes a layer. The rules were
 // read off the real-layer suite (perf/results). A strategy forced by the caller (the tests,
 // KSTCONV_METHOD and friends) that cannot run here raises, naming why.
 #pragma once

@@ -25,6 +25,7 @@
 //   forward_patch.cpp     methods 1 and 5: phase patch matrix x BLAS / brgemm
 //   forward_implicit.cpp  methods 3 and 4: implicit GEMM, brgemm tiles, no patch matrix
 //   forward_gemm_first.cpp  method 2: GEMM first, then each phase gathers its taps
+//   forward_winograd.cpp  method 8: Winograd F(2x2, 2x2) for phases of 2 x 2 taps
 //   grad_input_stream.cpp method 6: grad_input streaming the weight once
 //   grad_weight.cpp       grad_weight methods 1 and 2
 //   grad_weight_brgemm.cpp  grad_weight method 3
@@ -72,6 +73,7 @@ enum Method : int {
   kPatchBrgemm = 5,    // phase patch matrix (channels-last) x brgemm tiles
   kStreamWeight = 6,   // grad_input reading the weight once, in place (weight-heavy layers)
   kDirect = 7,         // depthwise / few-channel groups, grad_input of few output channels: no GEMM
+  kWinograd = 8,       // Winograd F(2x2, 2x2) per phase of 2 x 2 taps (k = 2s, 2-d, forward, float32)
 };
 enum WgradMethod : int {
   kAutoWgrad = 0,
@@ -102,6 +104,8 @@ struct Tuning {
                                     // padded rows would waste, 0 never (tests run both)
   i64 wgrad_rows = 1;               // grad_weight: 1 lets the rules take the AVX-512 register
                                     // tiles where they run, 0 never (tests pin the other rules)
+  i64 winograd = 1;                 // forward: 1 lets the rules take Winograd (method 8) where
+                                    // it runs, 0 never (tests pin the other rules)
   i64 brgemm_rules = -1;            // the rules for a CPU whose GEMMs go over brgemm (chooser):
                                     // -1 where they do (blas().brgemm_gemm), 1 always, 0 never
 };

@@ -33,6 +33,17 @@ std::atomic<i64>& row_kernel_runs();
 void grad_input_stream_weight(const at::Tensor& dy, const at::Tensor& weight, at::Tensor& dx,
                               const Plan& GI, i64 groups);
 
+// method 8 (forward only, float32): winograd_fits(P) on the plan with trimmed taps; `packed`
+// (pack_winograd) may be undefined
+bool winograd_fits(const Plan& P);
+// 2 x 2 output tiles of one image and phase (the longest phase's)
+i64 winograd_tiles(const Plan& P);
+at::Tensor pack_winograd(const at::Tensor& weight, const Plan& P, i64 groups, i64 Cin_g,
+                         i64 Cout_g);
+void conv_winograd(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
+                   at::Tensor& dst, at::Tensor& pre, const Plan& P, i64 groups, int act,
+                   double slope, at::Tensor packed);
+
 // method 7, direct (depthwise and few-channel groups: forward with C_in/g = 1, grad_input with
 // C_in/g = 1); P: exact classes (every tap a class reads meets a real source position)
 void conv_direct(const at::Tensor& src, const at::Tensor& weight, const at::Tensor& bias,
